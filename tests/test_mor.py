@@ -1,0 +1,496 @@
+"""Tests for mor.py: every layer is checked against the paper's equations written out naively here."""
+import ast
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mor
+from conftest import ROOT
+
+torch.set_num_threads(2)
+
+
+def mlp(seed=0, d_in=12, hidden=10, d_out=6, bias=True):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.ReLU(), nn.Linear(hidden, d_out, bias=bias))
+
+
+def randomize(layer, seed=1):
+    """Random values for every adapter parameter (B = 0 and Ω = 1 would hide most bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in layer.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+
+
+def naive_mor(layer, x, dropout_mask_seed=None, p=0.0):
+    """eq. 12 as a loop over experts: o = W x + b + Σ_i G_i(x) (α/r) diag(Ω_B[i]) B diag(Ω_A[i]) A drop(x)."""
+    W, b = layer.base.weight, layer.base.bias
+    A, B, omA, omB = layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B
+    N, scale = omA.shape[0], layer.alpha / layer.r
+    h = x
+    if dropout_mask_seed is not None:
+        torch.manual_seed(dropout_mask_seed)
+        h = F.dropout(x, p, training=True)
+    if layer.router is None:
+        G = torch.full(x.shape[:-1] + (N,), 1.0 / N)
+    else:
+        G = torch.softmax(x @ layer.router.weight.T, dim=-1)  # undropped x
+    out = x @ W.T + (b if b is not None else 0)
+    for i in range(N):
+        D_i = scale * torch.diag(omB[i]) @ B @ torch.diag(omA[i]) @ A  # eq. 10
+        out = out + G[..., i:i + 1] * (h @ D_i.T)
+    return out
+
+
+def grads(out, tensors, seed=5):
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((out * w).sum(), tensors)
+
+
+def adapter_tensors(layer):
+    return [p for _, p in layer.adapter_parameters()]
+
+
+# ----------------------------------------------------------------------------- MoR numerics
+
+@pytest.mark.parametrize("N", [1, 3, 8])
+@pytest.mark.parametrize("router", ["learned", "mean"])
+def test_mor_matches_naive_loop(N, router):
+    base = nn.Linear(12, 10)
+    layer = mor.MoRLinear(base, r=4, alpha=8, num_experts=N, dropout=0.0, router=router)
+    randomize(layer)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    for mode in (True, False):  # train and eval both take the fused [A; W_r] path with dropout 0
+        layer.train(mode)
+        out, ref = layer(x), naive_mor(layer, x)
+        assert out.shape == (2, 5, 10)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        params = adapter_tensors(layer) + [x]
+        for g, g_ref in zip(grads(out, params), grads(ref, params)):
+            torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mor_dropout_only_on_adapter_input_not_router():
+    layer = mor.MoRLinear(nn.Linear(12, 10), r=4, alpha=8, num_experts=3, dropout=0.3)
+    randomize(layer)
+    x = torch.randn(7, 12, requires_grad=True)
+    torch.manual_seed(123)
+    out = layer(x)  # training mode: the separate dropout path
+    ref = naive_mor(layer, x, dropout_mask_seed=123, p=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    params = adapter_tensors(layer) + [x]
+    for g, g_ref in zip(grads(out, params), grads(ref, params)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mor_direction_is_eq10():
+    layer = mor.MoRLinear(nn.Linear(6, 5), r=3, alpha=6, num_experts=2, dropout=0.0)
+    randomize(layer)
+    i = 1
+    ref = 2.0 * torch.diag(layer.omega_B[i]) @ layer.lora_B @ torch.diag(layer.omega_A[i]) @ layer.lora_A
+    torch.testing.assert_close(layer.direction(i), ref)
+
+
+def test_mor_single_expert_equals_lora():
+    base = nn.Linear(12, 10)
+    lora = mor.LoRALinear(copy.deepcopy(base), r=4, alpha=8, dropout=0.0)
+    m = mor.MoRLinear(copy.deepcopy(base), r=4, alpha=8, num_experts=1, dropout=0.0)
+    randomize(lora)
+    with torch.no_grad():
+        m.lora_A.copy_(lora.lora_A)
+        m.lora_B.copy_(lora.lora_B)
+    assert torch.all(m.omega_A == 1) and torch.all(m.omega_B == 1)  # the init
+    x = torch.randn(3, 4, 12)
+    torch.testing.assert_close(m(x), lora(x), atol=1e-6, rtol=1e-6)
+
+
+def test_mean_router_is_plain_average():
+    layer = mor.MoRLinear(nn.Linear(8, 6), r=2, alpha=4, num_experts=4, dropout=0.0, router="mean")
+    assert layer.router is None
+    randomize(layer)
+    x = torch.randn(5, 8)
+    experts = [x @ (2.0 * (layer.omega_B[i][:, None] * layer.lora_B * layer.omega_A[i]) @ layer.lora_A).T
+               for i in range(4)]
+    ref = layer.base(x) + sum(experts) / 4
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_balance_loss_hand_value_and_uniform():
+    # router W_r = I on 2-d inputs: tokens [ln3, 0], [ln3, 0], [0, ln3] -> G = [.75,.25], [.75,.25], [.25,.75]
+    # f = [2/3, 1/3], P = [1.75/3, 1.25/3], loss = 2 (2/3·1.75/3 + 1/3·1.25/3) = 19/18
+    layer = mor.MoRLinear(nn.Linear(2, 3), r=2, alpha=2, num_experts=2, dropout=0.0, router="balanced")
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(2))
+    x = torch.tensor([[math.log(3), 0.0], [math.log(3), 0.0], [0.0, math.log(3)]])
+    layer(x)
+    torch.testing.assert_close(layer.aux_loss, torch.tensor(19 / 18))
+    model = nn.Sequential(layer, nn.Identity())
+    torch.testing.assert_close(mor.balance_loss(model), torch.tensor(19 / 18))
+    # uniform routing: zero router weights -> loss exactly 1
+    for N in (3, 8):
+        m = mor.MoRLinear(nn.Linear(5, 4), r=2, num_experts=N, router="balanced")
+        nn.init.zeros_(m.router.weight)
+        m(torch.randn(6, 5))
+        torch.testing.assert_close(m.aux_loss, torch.tensor(1.0))
+    # the loss has a gradient into the router, and "learned" has none
+    layer(x)
+    assert torch.autograd.grad(layer.aux_loss, layer.router.weight)[0].abs().sum() > 0
+    learned = mor.MoRLinear(nn.Linear(2, 3), r=2, num_experts=2)
+    learned(x)
+    assert learned.aux_loss is None and mor.balance_loss(nn.Sequential(learned)).item() == 0
+
+
+def test_balance_loss_sums_layers():
+    model = mlp()
+    mor.add_adapters(model, "mor", targets=("0", "2"), num_experts=3, router="balanced")
+    model(torch.randn(4, 12))
+    ref = model[0].aux_loss + model[2].aux_loss
+    torch.testing.assert_close(mor.balance_loss(model), ref)
+
+
+def test_record_router_mean_weights():
+    layer = mor.MoRLinear(nn.Linear(8, 6), r=2, num_experts=3)
+    layer.eval()
+    layer.record_router = True
+    xs = [torch.randn(2, 5, 8), torch.randn(3, 8)]
+    with torch.no_grad():
+        for x in xs:
+            layer(x)
+    G = torch.cat([torch.softmax(x.reshape(-1, 8) @ layer.router.weight.T, -1) for x in xs])
+    assert layer.router_count == 13
+    torch.testing.assert_close(layer.router_sum / layer.router_count, G.mean(0))
+
+
+def test_eval_cache_matches_train_and_invalidates():
+    layer = mor.MoRLinear(nn.Linear(12, 10), r=4, alpha=8, num_experts=3, dropout=0.0)
+    randomize(layer)
+    x = torch.randn(4, 12)
+    train_out = layer(x).detach()
+    layer.eval()
+    with torch.no_grad():
+        out1 = layer(x)
+        cached = layer._cache
+        out2 = layer(x)
+        assert cached is not None and layer._cache is cached  # reused, not rebuilt
+    torch.testing.assert_close(out1, train_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out2, train_out, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        layer.omega_B.mul_(2.0)  # an in-place update (as an optimizer step) must invalidate the cache
+        out3 = layer(x)
+    torch.testing.assert_close(out3, naive_mor(layer, x), atol=1e-5, rtol=1e-5)
+    layer.train()
+    assert layer._cache is None
+
+
+@pytest.mark.parametrize("cls", [mor.LoRALinear, mor.DoRALinear, mor.MoSLoRALinear, mor.MoELoRALinear, mor.MoRLinear])
+def test_bf16_base_fp32_adapter_all_methods(cls):
+    layer = cls(nn.Linear(16, 8).to(torch.bfloat16), r=4, dropout=0.1)
+    randomize(layer)
+    out = layer(torch.randn(2, 3, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 8)
+    out.float().sum().backward()
+    for n, p in layer.adapter_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, n
+
+
+def test_bf16_base_fp32_adapter():
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = mor.MoRLinear(base, r=4, num_experts=2, dropout=0.0)
+    assert layer.lora_A.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    randomize(layer)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+    fp32 = copy.deepcopy(layer).float()
+    torch.testing.assert_close(out.float(), naive_mor(fp32, x.float()), atol=0.1, rtol=0.05)
+
+
+def test_mor_compiles_fullgraph():
+    """torch.compile(fullgraph=True) captures MoRLinear (aux-loss side effect included) without graph breaks.
+
+    The backend is aot_eager by default: Dynamo's capture and AOT autograd's forward+backward graphs are
+    what fullgraph checks, and a cold inductor C++ build takes ~40 s on 2 cores. MOR_COMPILE_BACKEND=inductor
+    runs the full inductor path.
+    """
+    backend = os.environ.get("MOR_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    layer = mor.MoRLinear(nn.Linear(8, 6), r=2, alpha=4, num_experts=3, dropout=0.0, router="balanced")
+    randomize(layer)
+    x = torch.randn(5, 8)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend=backend)
+    out = compiled(x)
+    aux = layer.aux_loss
+    ref = layer(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux, layer.aux_loss, atol=1e-6, rtol=1e-6)
+    params = adapter_tensors(layer)
+    for g, g_ref in zip(grads(out, params), grads(ref, params)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def test_moelora_matches_naive_loop():
+    layer = mor.MoELoRALinear(nn.Linear(12, 10), r=3, alpha=6, num_experts=3, dropout=0.0)
+    randomize(layer)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    G = torch.softmax(x @ layer.router.weight.T, -1)
+    ref = layer.base(x) + sum(G[..., i:i + 1] * (2.0 * x @ (layer.lora_B[i] @ layer.lora_A[i]).T) for i in range(3))
+    out = layer(x)  # eq. 2
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    params = adapter_tensors(layer) + [x]
+    for g, g_ref in zip(grads(out, params), grads(ref, params)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_and_moslora_match_formula():
+    x = torch.randn(3, 12)
+    lora = mor.LoRALinear(nn.Linear(12, 10), r=4, alpha=8, dropout=0.0)
+    randomize(lora)
+    torch.testing.assert_close(lora(x), lora.base(x) + 2.0 * x @ (lora.lora_B @ lora.lora_A).T, atol=1e-5, rtol=1e-5)
+    mos = mor.MoSLoRALinear(nn.Linear(12, 10), r=4, alpha=8, dropout=0.0)
+    randomize(mos)
+    ref = mos.base(x) + 2.0 * x @ (mos.lora_B @ mos.mixer @ mos.lora_A).T
+    torch.testing.assert_close(mos(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_init_like_peft():
+    layer = mor.LoRALinear(nn.Linear(400, 30), r=8)
+    assert torch.all(layer.lora_B == 0)
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(400)  # kaiming-uniform a=√5: U(±1/√fan_in)
+    assert layer.lora_A.abs().max() > 0.9 / math.sqrt(400)
+
+
+def test_dora_init_equals_base_and_formula():
+    base = nn.Linear(12, 10)
+    layer = mor.DoRALinear(copy.deepcopy(base), r=4, alpha=8, dropout=0.0)
+    x = torch.randn(3, 12, requires_grad=True)
+    torch.testing.assert_close(layer(x), base(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer.magnitude, base.weight.norm(dim=1))
+    randomize(layer)
+    W, s = layer.base.weight, 2.0
+    V = W + s * layer.lora_B @ layer.lora_A
+    ref = (layer.magnitude / V.norm(dim=1).detach()) * (x @ W.T + s * x @ (layer.lora_B @ layer.lora_A).T) + base.bias
+    out = layer(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    params = adapter_tensors(layer) + [x]
+    for g, g_ref in zip(grads(out, params), grads(ref, params)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_dropout_like_peft():
+    # PEFT: W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s B A drop(x), g = m / ‖W + sBA‖
+    layer = mor.DoRALinear(nn.Linear(12, 10), r=4, alpha=8, dropout=0.4)
+    randomize(layer)
+    x = torch.randn(6, 12)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    h = F.dropout(x, 0.4, training=True)
+    W, s = layer.base.weight, 2.0
+    g = layer.magnitude / (W + s * layer.lora_B @ layer.lora_A).norm(dim=1)
+    ref = layer.base(x) + (g - 1) * (h @ W.T) + g * (s * h @ (layer.lora_B @ layer.lora_A).T)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [mor.LoRALinear, mor.DoRALinear, mor.MoSLoRALinear])
+def test_merge_unmerge(cls):
+    layer = cls(nn.Linear(12, 10), r=4, alpha=8, dropout=0.0)
+    randomize(layer)
+    layer.eval()
+    x = torch.randn(5, 12)
+    w0 = layer.base.weight.clone()
+    ref = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base(x), ref, atol=1e-5, rtol=1e-5)  # W itself now holds the update
+    layer.train()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(x)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [mor.MoRLinear, mor.MoELoRALinear])
+def test_mixtures_cannot_merge(cls):
+    with pytest.raises(RuntimeError, match="depend on each input"):
+        cls(nn.Linear(4, 4), r=2).merge()
+
+
+# ----------------------------------------------------------------------------- model helpers
+
+METHODS = {"lora": {}, "dora": {}, "moslora": {}, "moelora": dict(num_experts=2),
+           "mor": dict(num_experts=3), "mor_mean": dict(num_experts=3, router="mean")}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_zero_B_equals_base_and_only_adapters_train(name):
+    method = name.split("_")[0]
+    model = mlp()
+    ref_model = copy.deepcopy(model)
+    replaced = mor.add_adapters(model, method, targets=("0", "2"), dropout=0.0, **METHODS[name])
+    assert replaced == ["0", "2"]
+    assert model.adapter_config["method"] == method and model.adapter_config["targets"] == ["0", "2"]
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(model(x), ref_model(x), atol=1e-6, rtol=1e-6)
+    assert "0.base.weight" in model.state_dict()
+    model(x).pow(2).sum().backward()
+    adapter = set(mor.adapter_state_dict(model))
+    for n, p in model.named_parameters():
+        if n in adapter:
+            assert p.requires_grad and p.grad is not None, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    assert model[2].lora_B.grad.abs().sum() > 0  # with B = 0, B is what moves first
+
+
+def test_parameter_counts_follow_table2():
+    d_in, h, d_out, r, N = 12, 10, 6, 4, 3
+    layers = [(d_in, h), (h, d_out)]  # (d_in, d_out) of the two adapted layers
+    expect = {  # Table 2 with d_in and d_out kept apart; the router counted with d_in
+        "lora": sum(r * (i + o) for i, o in layers),
+        "dora": sum(r * (i + o) + o for i, o in layers),
+        "moslora": sum(r * (i + o) + r * r for i, o in layers),
+        "moelora": sum(N * r * (i + o) + N * i for i, o in layers),
+        "mor": sum(r * (i + o) + N * (i + o + r) for i, o in layers),
+        "mor_mean": sum(r * (i + o) + N * (o + r) for i, o in layers),
+    }
+    total_base = sum(p.numel() for p in mlp().parameters())
+    for name, n in expect.items():
+        model = mlp()
+        hyper = dict(r=r) if name in ("lora", "dora", "moslora") else dict(r=r, num_experts=N)
+        if name == "mor_mean":
+            hyper["router"] = "mean"
+        mor.add_adapters(model, name.split("_")[0], targets=("0", "2"), **hyper)
+        assert mor.count_parameters(model) == (n, n + total_base), name
+        assert sum(v.numel() for v in mor.adapter_state_dict(model).values()) == n
+
+
+def test_parameter_table_llama2_7b(capsys):
+    rows = {row["label"]: row["trainable"] for row in mor.parameter_table(mor.LLAMA2_7B)}
+    d, h, L, r = 4096, 11008, 32, 8
+    lora_r8 = L * 3 * r * (d + h)  # w1, w3: d -> h, w2: h -> d
+    assert rows["LoRA R8"] == lora_r8 and round(lora_r8 / 1e6, 1) == 11.6  # Table 1
+    mor_e8 = lora_r8 + L * 8 * ((d + h) * 3 + 3 * r)
+    assert rows["MoR E8R8"] == mor_e8 and round(mor_e8 / 1e6, 1) == 23.2  # Table 1
+    assert rows["LoRA R16"] == 2 * lora_r8
+    assert rows["DoRA R8"] == lora_r8 + L * (2 * h + d)
+    assert rows["MoELoRA E2R8"] == 2 * lora_r8 + L * 2 * (2 * d + h)
+    mor.main([])
+    out = capsys.readouterr().out
+    assert "hidden 11008" in out and "11,599,872" in out and "23,205,888" in out and " NO" not in out
+
+
+def test_parameter_table_cli_params_file(tmp_path, capsys):
+    p = tmp_path / "params.json"
+    p.write_text('{"dim": 64, "n_layers": 2, "multiple_of": 16, "n_heads": 4}')
+    mor.main(["--params", str(p)])
+    out = capsys.readouterr().out
+    assert "hidden 176" in out  # 2·4·64/3 = 170 -> rounded up to a multiple of 16
+    assert f"{2 * 3 * 8 * (64 + 176):,}" in out  # LoRA R8
+    with pytest.raises(SystemExit, match="no such file"):
+        mor.main(["--params", str(tmp_path / "missing.json")])
+
+
+def test_adapter_state_dict_round_trip_and_strict():
+    model = mlp()
+    mor.add_adapters(model, "mor", targets=("0", "2"), num_experts=3)
+    for _, layer in mor.adapter_layers(model):
+        randomize(layer)
+    sd = {k: v.clone() for k, v in mor.adapter_state_dict(model).items()}
+    assert sorted(sd) == sorted(f"{i}.{n}" for i in (0, 2) for n in
+                                ("lora_A", "lora_B", "omega_A", "omega_B", "router.weight"))
+    fresh = mlp()
+    mor.add_adapters(fresh, "mor", targets=("0", "2"), num_experts=3)
+    mor.load_adapter_state_dict(fresh, sd)
+    model.eval(), fresh.eval()  # no adapter dropout
+    x = torch.randn(3, 12)
+    assert torch.equal(fresh(x), model(x))
+    for k, v in mor.adapter_state_dict(fresh).items():
+        assert torch.equal(v, sd[k])
+    bad = dict(sd)
+    del bad["0.lora_A"]
+    bad["0.extra"] = torch.zeros(1)
+    bad["2.omega_B"] = torch.zeros(5, 6)
+    with pytest.raises(RuntimeError) as e:
+        mor.load_adapter_state_dict(fresh, bad)
+    msg = str(e.value)
+    assert "0.lora_A" in msg and "0.extra" in msg and "2.omega_B" in msg
+
+
+@pytest.mark.parametrize("method", ["dora", "mor", "full"])
+def test_save_load_adapter(tmp_path, method):
+    model = mlp()
+    if method == "full":
+        model.adapter_config = {"method": "full"}
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+    else:
+        mor.add_adapters(model, method, targets=("2",), r=3, alpha=6, dropout=0.1)
+        randomize(model[2])
+    path = str(tmp_path / "sub" / "adapter.pth")
+    mor.save_adapter(model, path)
+    fresh = mlp()
+    cfg = mor.load_adapter(fresh, path)
+    assert cfg == model.adapter_config and fresh.adapter_config == cfg
+    model.eval(), fresh.eval()
+    x = torch.randn(3, 12)
+    assert torch.equal(fresh(x), model(x))
+    if method != "full":
+        assert fresh[2].r == 3 and fresh[2].alpha == 6 and fresh[2].dropout.p == 0.1
+        assert set(torch.load(path, weights_only=True)["state_dict"]) == {"2." + n for n, _ in
+                                                                         model[2].adapter_parameters()}
+
+
+def test_add_adapters_errors():
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        mor.add_adapters(mlp(), "lora", targets=("w1",))
+    with pytest.raises(ValueError, match="unknown adapter method"):
+        mor.add_adapters(mlp(), "vera", targets=("0",))
+    with pytest.raises(TypeError, match="num_experts"):
+        mor.add_adapters(mlp(), "lora", targets=("0",), num_experts=2)
+    with pytest.raises(ValueError, match="router"):
+        mor.add_adapters(mlp(), "mor", targets=("0",), router="top2")
+    model = mlp()
+    mor.add_adapters(model, "lora", targets=("0",))
+    with pytest.raises(RuntimeError, match="already has adapters"):
+        mor.add_adapters(model, "lora", targets=("2",))
+    with pytest.raises(RuntimeError, match="adapter_config"):
+        mor.save_adapter(mlp(), "/tmp/never.pth")
+
+
+def test_dotted_targets_on_nested_model():
+    model = nn.ModuleDict({"layers": nn.ModuleList(nn.ModuleDict({"ffn": nn.ModuleDict(
+        {"w1": nn.Linear(4, 6, bias=False), "w2": nn.Linear(6, 4, bias=False)})}) for _ in range(2))})
+    names = mor.add_adapters(model, "mor", targets=("ffn.w1", "w2"), num_experts=2)
+    assert names == ["layers.0.ffn.w1", "layers.0.ffn.w2", "layers.1.ffn.w1", "layers.1.ffn.w2"]
+    assert isinstance(model["layers"][1]["ffn"]["w1"], mor.MoRLinear)
+
+
+def test_mor_file_stands_alone():
+    src = open(os.path.join(ROOT, "mor.py")).read()
+    imported = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported - set(sys.stdlib_module_names) == {"torch"}
+    code = ("import sys, torch, torch.nn as nn; import mor\n"
+            "m = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))\n"
+            "mor.add_adapters(m, 'mor', targets=('0', '2'), num_experts=2)\n"
+            "m(torch.randn(3, 4)).sum().backward()\n"
+            "assert not any(k in sys.modules for k in ('llama', 'train', 'data', 'evaluate')), sys.modules.keys()\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
