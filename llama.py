@@ -1,0 +1,454 @@
+"""A single-file LLaMA in plain PyTorch that loads Meta's original checkpoints.
+
+Covers LLaMA-1/2 (7B/13B/70B, GQA on 70B), Code Llama (rope_theta 1e6) and the Llama-3/3.1 architecture
+(rope_theta 500000, scaled RoPE). Module names are Meta's (llama/model.py), so Meta's state dicts load by key.
+Where this file differs from Meta's, and why:
+- RoPE rotates Meta's interleaved pairs (x[2i], x[2i+1]) with real cos/sin instead of complex numbers
+  (torch.compile cannot trace complex tensors), computed from the positions at every forward: there are no
+  rope buffers to materialise after building on `meta`, and none for `model.to(bfloat16)` to round.
+- The KV cache is static (allocated once, written at `start_pos`, attended through a mask), so every decoding
+  step has the same shapes: friendly to torch.compile and CUDA graphs.
+- No model-parallel layers: Meta's model-parallel shards are merged once, at load time.
+
+    python llama.py --ckpt_dir path/to/llama-2-7b --prompt "Once upon a time"
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, params.json or tokenizer that cannot be used as given; the message names the file."""
+
+
+@dataclass
+class ModelArgs:
+    """The fields of Meta's params.json (plus the two sizes Meta passes to its Transformer separately)."""
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None       # None: every query head has its own kv head; 70B and Llama-3 use 8 (GQA)
+    vocab_size: int = -1                # -1 (LLaMA-2's params.json): take it from the checkpoint
+    multiple_of: int = 256              # the FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0         # Code Llama 1e6, Llama-3 500000
+    use_scaled_rope: bool = False       # Llama-3.1 long-context frequency scaling
+    max_batch_size: int = 32            # largest batch generate() accepts
+    max_seq_len: int = 2048             # prompt + generation never goes beyond this in generate()
+
+
+def load_params(path: str, **overrides) -> ModelArgs:
+    """Read Meta's params.json; unknown keys (newer releases add some) are warned about and ignored."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no params.json (Meta's layout is params.json + consolidated.NN.pth)")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    known = {f.name for f in fields(ModelArgs)}
+    if unknown := sorted(set(raw) - known):
+        warnings.warn(f"{path}: ignoring unknown keys {unknown}")
+    return ModelArgs(**{**{k: v for k, v in raw.items() if k in known}, **overrides})
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's SwiGLU width: 2/3 of 4*dim (three matrices cost what a 4*dim two-matrix MLP costs), then
+    optionally scaled (70B: 1.3) and rounded up to multiple_of. 7B -> 11008, 13B -> 13824, 70B -> 28672."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def apply_scaling(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: float = 1.0,
+                  high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
+    """Llama-3.1 RoPE scaling: wavelengths longer than the old context are stretched by `factor`, those much
+    shorter are kept (local order still matters), and the band in between is blended linearly."""
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old_context_len / low_freq_factor, freqs / factor, blended)
+    return torch.where(wavelen < old_context_len / high_freq_factor, freqs, out)
+
+
+def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float = 10000.0,
+                         use_scaled_rope: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real form of Meta's freqs_cis: cos and sin of position * theta^(-2i/head_dim), float32 [T, head_dim/2]."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim))
+    if use_scaled_rope:
+        freqs = apply_scaling(freqs)
+    angles = torch.outer(positions.float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by angle i of its position. x: [B, T, H, D]."""
+    xf = x.float().unflatten(-1, (-1, 2))          # float32 like Meta: bf16 angles would drift at long range
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]    # [T, 1, D/2]: broadcast over batch and heads
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, n_kv, S, D] -> [B, n_kv * n_rep, S, D]; query head h reads kv head h // n_rep, as in Meta's GQA."""
+    if n_rep == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, S, D).reshape(B, H * n_rep, S, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the mean of squares in float32: in bf16 it loses too many digits over 4096 features
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        # [max_batch, n_kv_heads, max_seq, head_dim] once setup_cache() runs; not saved in state dicts
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        B, T, _ = x.shape
+        q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # SDPA wants [B, heads, T, D]
+        if input_pos is not None:   # decoding: store this step, then attend over the whole (masked) cache
+            self.cache_k[:B, :, input_pos] = k.to(self.cache_k.dtype)
+            self.cache_v[:B, :, input_pos] = v.to(self.cache_v.dtype)
+            k, v = self.cache_k[:B], self.cache_v[:B]
+        n_rep = self.n_heads // self.n_kv_heads
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
+                                             attn_mask=mask, is_causal=mask is None)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)   # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)   # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)   # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))     # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size <= 0:
+            raise ValueError("vocab_size must be set (from_checkpoint resolves params.json's -1 from the weights)")
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.cache_size: tuple[int, int] | None = None   # (max_batch_size, max_seq_len) of the KV cache
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate a zeroed KV cache (model dtype and device) for forward(tokens, start_pos=...)."""
+        w = self.tok_embeddings.weight
+        for m in self.modules():   # modules(), not self.layers[i].attention: blocks may be wrapped by train.py
+            if isinstance(m, Attention):
+                shape = (max_batch_size, m.n_kv_heads, max_seq_len, m.head_dim)
+                m.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)
+                m.cache_v = torch.zeros_like(m.cache_k)
+        self.cache_size = (max_batch_size, max_seq_len)
+
+    def clear_cache(self) -> None:
+        """Free the KV cache (e.g. before training); setup_cache() makes a new one."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.cache_k = m.cache_v = None
+        self.cache_size = None
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [B, T, vocab]. start_pos None: causal forward over `tokens` alone, no cache.
+        start_pos k: `tokens` sit at positions k.. and attend to the cache of earlier steps (a 0-d tensor also
+        works and keeps one compiled graph for every step)."""
+        B, T = tokens.shape
+        pos, mask = torch.arange(T, device=tokens.device), None
+        if start_pos is not None:
+            if self.cache_size is None:
+                raise RuntimeError("forward(tokens, start_pos) needs a KV cache: call setup_cache() first")
+            if isinstance(start_pos, int) and (B > self.cache_size[0] or start_pos + T > self.cache_size[1]):
+                raise ValueError(f"batch {B} at positions {start_pos}..{start_pos + T - 1} does not fit "
+                                 f"the KV cache of size {self.cache_size}")
+            pos = pos + start_pos
+            # causal over the whole static cache: slots after the current position hold stale or zero values
+            mask = torch.arange(self.cache_size[1], device=tokens.device) <= pos[:, None]
+        cos, sin = precompute_freqs_cis(self.params.dim // self.params.n_heads, pos, self.params.rope_theta,
+                                        self.params.use_scaled_rope)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, None if start_pos is None else pos, mask)
+        return self.output(self.norm(h)).float()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        max_seq_len: int = 2048, max_batch_size: int = 32) -> Transformer:
+        """Load Meta's params.json + consolidated.NN.pth (merging model-parallel shards); eval mode.
+
+        Peak host memory is about one copy of the weights in `dtype`: the model is built on `meta`, shards are
+        memory-mapped, and each tensor is merged and converted on its own before load_state_dict(assign=True).
+        A sentencepiece tokenizer.model inside ckpt_dir is checked against the vocabulary (CheckpointError
+        if they differ); one elsewhere (LLaMA-2 downloads keep it in the parent dir) is checked by the CLI.
+        """
+        params = load_params(os.path.join(ckpt_dir, "params.json"), max_seq_len=max_seq_len,
+                             max_batch_size=max_batch_size)
+        paths = find_shards(ckpt_dir)
+        shards = [load_shard(p) for p in paths]
+        for sd in shards:
+            sd.pop("rope.freqs", None)   # LLaMA-1 saved its complex RoPE table; ours is computed
+        check_shards_match(paths, shards)
+        if "tok_embeddings.weight" not in shards[0]:
+            raise CheckpointError(f"{paths[0]}: missing key 'tok_embeddings.weight'")
+        if params.vocab_size <= 0:   # rows of the embedding, times the shards when Llama-3 split the vocabulary
+            rows, cols = shards[0]["tok_embeddings.weight"].shape
+            params.vocab_size = rows * (len(shards) if cols == params.dim else 1)
+        tok_path = os.path.join(ckpt_dir, "tokenizer.model")
+        if os.path.isfile(tok_path) and not is_tiktoken(tok_path):   # Llama-3: model loads, tokenizer out of scope
+            check_tokenizer(tok_path, params.vocab_size)
+        with torch.device("meta"):   # shapes only: init costs no memory and no time
+            model = cls(params)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if missing := [k for k in expected if k not in shards[0]]:
+            raise CheckpointError(f"{paths[0]}: missing keys {missing[:5]} (model built from params.json)")
+        if unexpected := [k for k in shards[0] if k not in expected]:
+            raise CheckpointError(f"{paths[0]}: unexpected keys {unexpected[:5]} (model built from params.json)")
+        # copy=True: never leave a parameter backed by the mmapped file (rewriting the file would corrupt it)
+        state = {k: merge_shards(k, [sd[k] for sd in shards], shape, paths).to(device, dtype, copy=True)
+                 for k, shape in expected.items()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+
+COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")   # fairscale ColumnParallelLinear: output rows split
+ROW_PARALLEL = ("wo", "w2")                                  # RowParallelLinear: input columns split
+
+
+def find_shards(ckpt_dir: str) -> list[str]:
+    """consolidated.00.pth, consolidated.01.pth, ... : one per model-parallel rank, no gaps."""
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    if not paths:
+        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
+    for i, p in enumerate(paths):
+        if os.path.basename(p) != f"consolidated.{i:02d}.pth":
+            raise CheckpointError(f"{ckpt_dir}: consolidated.{i:02d}.pth is missing (found "
+                                  f"{[os.path.basename(q) for q in paths]}); shards must be numbered 00, 01, ...")
+    return paths
+
+
+def load_shard(path: str) -> dict[str, torch.Tensor]:
+    """Memory-mapped: tensors are read from disk only when merged and converted, one at a time."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:   # torch raises several types (RuntimeError, UnpicklingError, ...) for a bad file
+        raise CheckpointError(f"{path}: cannot be loaded as a torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def check_shards_match(paths: list[str], shards: list[dict]) -> None:
+    """Shards of one checkpoint share keys and shapes, and replicate the 1-D norms bit for bit."""
+    for path, sd in zip(paths[1:], shards[1:]):
+        if diff := sorted(set(sd) ^ set(shards[0])):
+            raise CheckpointError(f"{path} and {paths[0]} hold different keys (e.g. {diff[:3]}): "
+                                  "shards from different checkpoints?")
+        for k, a in shards[0].items():
+            b = sd[k]
+            if a.shape != b.shape or (a.dim() == 1 and not torch.equal(a, b)):
+                raise CheckpointError(f"{path}: {k!r} ({tuple(b.shape)}) does not match {paths[0]} "
+                                      f"({tuple(a.shape)}): shards from different checkpoints?")
+
+
+def merge_shards(key: str, parts: list[torch.Tensor], shape: torch.Size, paths: list[str]) -> torch.Tensor:
+    """One full tensor from Meta's model-parallel pieces, checked against the shape params.json implies."""
+    if len(parts) == 1 or parts[0].dim() == 1:
+        t = parts[0]   # single file, or a replicated norm
+    else:
+        name = key.split(".")[-2]
+        if name in COLUMN_PARALLEL or name in ROW_PARALLEL:
+            t = torch.cat(parts, dim=0 if name in COLUMN_PARALLEL else 1)
+        else:   # tok_embeddings: Llama-3 splits the vocabulary (dim 0), LLaMA-1/2 the features (dim 1)
+            t = torch.cat(parts, dim=0 if parts[0].shape[1] == shape[1] else 1)
+    if t.shape != shape:
+        where = paths[0] if len(paths) == 1 else f"{len(paths)} merged shards in {os.path.dirname(paths[0])}"
+        raise CheckpointError(f"{where}: {key!r} has shape {tuple(t.shape)} but params.json implies {tuple(shape)}")
+    return t
+
+
+def is_tiktoken(path: str) -> bool:
+    """Llama-3's tokenizer.model is tiktoken text ('<base64 token> <rank>' lines), not a sentencepiece proto."""
+    with open(path, "rb") as f:
+        first = f.readline(1000)
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\s*", first) is not None
+
+
+class Tokenizer:
+    """SentencePiece tokenizer of LLaMA-1/2 and Code Llama (Llama-3's tiktoken tokenizer is out of scope)."""
+
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"{model_path}: no tokenizer file")
+        if is_tiktoken(model_path):   # check first: sentencepiece half-parses these files
+            raise CheckpointError(f"{model_path} is a Llama-3 (tiktoken) tokenizer: Llama-3 tokenizers are out "
+                                  "of scope here; only sentencepiece tokenizer.model files (LLaMA-1/2, Code Llama)")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"{model_path}: not a sentencepiece model ({e})") from None
+        self.n_words, self.bos_id, self.eos_id, self.pad_id = (
+            self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
+
+    def encode(self, s: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+def check_tokenizer(path: str, vocab_size: int) -> None:
+    """Token ids index the embedding rows: the tokenizer and the model must agree on the vocabulary size."""
+    if (n := Tokenizer(path).n_words) != vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {n} tokens but the model's vocabulary is {vocab_size}")
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: keep the most likely tokens until their mass reaches p (the one crossing p included)."""
+    sorted_probs, idx = probs.sort(dim=-1, descending=True)
+    sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > p] = 0.0
+    return idx.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)   # multinomial renormalises
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 0.9, eos_id: int | None = None,
+             stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+    """New tokens for each prompt: greedy when temperature is 0, else temperature + top-p sampling.
+
+    A row ends at eos_id (not returned), after max_new_tokens, when stop(new_tokens) is true (the token that
+    made it true is returned), or at the model's max_seq_len. As in Meta's generate, the batch decodes from
+    the shortest prompt's end, and rows whose prompt is longer keep being fed their own prompt tokens.
+    Reuses the KV cache if it is large enough, else sets one up.
+    """
+    B, lens = len(prompt_tokens), [len(p) for p in prompt_tokens]
+    if B > model.params.max_batch_size or min(lens) < 1 or max(lens) > model.params.max_seq_len:
+        raise ValueError(f"{B} prompts of lengths {min(lens)}..{max(lens)}: need 1..{model.params.max_batch_size} "
+                         f"non-empty prompts of at most max_seq_len={model.params.max_seq_len} tokens")
+    total = min(model.params.max_seq_len, max(lens) + max_new_tokens)
+    if model.cache_size is None or model.cache_size[0] < B or model.cache_size[1] < total:
+        model.setup_cache(B, total)
+    device = model.tok_embeddings.weight.device
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
+    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompt_tokens):
+        tokens[i, : len(p)], is_prompt[i, : len(p)] = torch.tensor(p), True
+    out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
+    was_training, prev = model.training, 0
+    model.eval()   # adapters may carry dropout
+    try:
+        for cur in range(min(lens), total):
+            if all(done):
+                break
+            logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]
+            if temperature > 0:
+                nxt = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
+            else:
+                nxt = logits.argmax(dim=-1)
+            tokens[:, cur] = torch.where(is_prompt[:, cur], tokens[:, cur], nxt)
+            prev = cur
+            for i, t in enumerate(tokens[:, cur].tolist()):
+                if done[i] or cur < lens[i]:
+                    continue
+                if t == eos_id:
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                done[i] = len(out[i]) >= max_new_tokens or (stop is not None and stop(out[i]))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Complete a prompt with a LLaMA checkpoint in Meta's layout.")
+    ap.add_argument("--ckpt_dir", required=True, help="folder with params.json and consolidated.NN.pth")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--tokenizer", help="default: tokenizer.model in ckpt_dir, else in its parent (LLaMA-2 layout)")
+    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top_p", type=float, default=0.9)
+    ap.add_argument("--max_seq_len", type=int, default=2048)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, else float32")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    candidates = [os.path.join(args.ckpt_dir, "tokenizer.model"),
+                  os.path.join(os.path.dirname(os.path.abspath(args.ckpt_dir)), "tokenizer.model")]
+    tok_path = args.tokenizer or next((p for p in candidates if os.path.isfile(p)), candidates[0])
+    dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
+    t0 = time.time()
+    try:   # bad files: one line naming the file and the problem, not a traceback
+        tokenizer = Tokenizer(tok_path)
+        model = Transformer.from_checkpoint(args.ckpt_dir, args.device, dtype, args.max_seq_len, max_batch_size=1)
+        check_tokenizer(tok_path, model.params.vocab_size)
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    t1 = time.time()
+    prompt = tokenizer.encode(args.prompt)
+    new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p, eos_id=tokenizer.eos_id)[0]
+    t2 = time.time()
+    print(tokenizer.decode(prompt + new))   # decode together: a lone first piece would lose its leading space
+    print(f"[loaded in {t1 - t0:.1f} s; {len(new)} tokens in {t2 - t1:.1f} s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
