@@ -16,7 +16,7 @@ Where the equations of §3 live:
     eq. 12     MoRLinear.forward (the mixture Σ_i G_i(x) D_i x)
     eq. 13     MoRLinear.forward (out = self.base(x)); AdapterLinear docstring: o = W x + ΔW x, W frozen
     eq. 14     MoRLinear.__init__ (λ_A, λ_B stacked into Ω_A ∈ R^{N×r}, Ω_B ∈ R^{N×d_out})
-    eq. 15     MoRLinear.forward and tied_up_weight (the stacked, one-matmul form of Fig. 3)
+    eq. 15     MoRLinear.forward and TiedUp (the stacked, one-matmul form of Fig. 3)
     Table 2    python mor.py --params params.json (trainable-parameter formulas)
     Table 4    MoRLinear(router="learned" | "mean" | "balanced")
 
@@ -111,13 +111,16 @@ class AdapterLinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
-def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + scale · z upᵀ as one GEMM with beta = 1 (torch.addmm): no separate (tokens, d_out) ΔW x.
+def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float, shape: tuple) -> torch.Tensor:
+    """out += scale · z upᵀ, in place, as one GEMM with beta = 1 (addmm_); returns it viewed as `shape`.
 
-    out: (..., d_out) base output; z: (..., k) adapter code; up: (d_out, k). Returns out's shape.
+    out: (tokens, d_out), a fresh matrix the caller owns: the base layer's output on the flattened input
+    (nn.Linear's backward does not need its output, so writing into it is safe for autograd; it must not
+    be a view, or autograd would track the write with copies). z: (tokens, k) adapter code; up: (d_out, k).
+    In place because out-of-place addmm first copies out into a new tensor: a full extra read and write
+    of tokens × d_out, which costs more than the rank-k GEMM itself. ΔW x is never stored on its own.
     """
-    out2 = out.reshape(-1, out.shape[-1])
-    return torch.addmm(out2, z.reshape(-1, z.shape[-1]), up.t(), alpha=scale).view(out.shape)
+    return out.addmm_(z, up.t(), alpha=scale).view(shape)
 
 
 def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
@@ -147,7 +150,9 @@ def route(layer: nn.Module, logits: torch.Tensor | None, x: torch.Tensor) -> tor
         G = torch.full((tokens, N), 1.0 / N, device=x.device, dtype=torch.float32)
     else:
         G = torch.softmax(logits.reshape(tokens, N), dim=-1, dtype=torch.float32)  # eq. 11
-    layer.aux_loss = balance_aux_loss(G) if layer.router_kind == "balanced" and layer.training else None
+    aux = balance_aux_loss(G) if layer.router_kind == "balanced" and layer.training else None
+    if aux is not None or layer.aux_loss is not None:  # nn.Module.__setattr__ is slow: skip None -> None
+        layer.aux_loss = aux
     if layer.record_router:
         with torch.no_grad():
             layer.router_sum += G.sum(0).to(layer.router_sum.device)
@@ -167,6 +172,70 @@ def init_router(layer: nn.Module, router: str, num_experts: int, fk: dict) -> No
     layer.record_router = False
     layer.register_buffer("router_sum", torch.zeros(num_experts, device=fk["device"]), persistent=False)
     layer.router_count = 0
+
+
+class DroppedLinear(torch.autograd.Function):
+    """F.linear(F.dropout(x, p), A) that keeps x and the 1-byte dropout mask for the backward, not drop(x).
+
+    Why (MoR): the router reads the undropped x and keeps it for its own weight gradient anyway, so the
+    dropped copy that autograd would also keep for ∂L/∂A is a second tokens × d_in activation per layer.
+    Here drop(x) = x ⊙ mask / (1 - p) is recomputed in the backward instead (one elementwise pass).
+    The mask is F.dropout's own (torch.native_dropout is what F.dropout runs), so the RNG stream is the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
+        h, keep = torch.native_dropout(x, p, True)
+        ctx.save_for_backward(x, keep, A)
+        ctx.scale = 1.0 / (1.0 - p)
+        return F.linear(h, A)
+
+    @staticmethod
+    def backward(ctx, ga: torch.Tensor):
+        x, keep, A = ctx.saved_tensors
+        masked = torch.ops.aten.native_dropout_backward  # t ⊙ keep · scale in one kernel: dropout's own backward
+        gx = gA = None
+        if ctx.needs_input_grad[1]:  # first, so that drop(x) is freed before gx is made
+            h = masked(x, keep, ctx.scale)  # drop(x) again
+            gA = ga.reshape(-1, ga.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+            del h
+        if ctx.needs_input_grad[0]:
+            gx = masked(ga @ A, keep, ctx.scale)
+        return gx, gA, None
+
+
+class TiedUp(torch.autograd.Function):
+    """(α/r) B̃ ∈ R^{d_out×N·r} in `dtype`, B̃[:, i·r + j] = Ω_B[i] ⊙ B[:, j] · Ω_A[i, j] (eq. 15 stacked, Ω_A
+    folded in), keeping only B, Ω_A, Ω_B for the backward.
+
+    Why: autograd would keep the fp32 (d_out, N, r) intermediate of the two products for every layer (as
+    large as B̃ itself, 2.8 MB per 7B w1 layer); the backward recomputes the one product it needs instead.
+    The last product writes the compute dtype directly (no separate fp32 B̃ and cast).
+    """
+
+    @staticmethod
+    def forward(ctx, B: torch.Tensor, omega_A: torch.Tensor, omega_B: torch.Tensor, scale: float,
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(B, omega_A, omega_B)
+        ctx.scale = scale
+        (d_out, r), N = B.shape, omega_A.shape[0]
+        # B (d_out, 1, r) first: the product is laid out contiguously, so the reshape is a view, not a copy
+        BA = B[:, None, :] * (scale * omega_A)
+        out = torch.empty(d_out, N, r, device=B.device, dtype=dtype)
+        return torch.mul(BA, omega_B.t()[:, :, None], out=out).view(d_out, N * r)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        B, omega_A, omega_B = ctx.saved_tensors
+        (d_out, r), N = B.shape, omega_A.shape[0]
+        g = g.view(d_out, N, r)
+        gB = g * (ctx.scale * omega_B.t()[:, :, None])  # ∂/∂(B ⊙ Ω_A) · α/r, fp32 by type promotion
+        dB = (gB * omega_A).sum(1) if ctx.needs_input_grad[0] else None
+        dA = (gB * B[:, None, :]).sum(0) if ctx.needs_input_grad[1] else None
+        dOB = None
+        if ctx.needs_input_grad[2]:
+            dOB = (g * (B[:, None, :] * (ctx.scale * omega_A))).sum(2).t()
+        return dB, dA, dOB, None, None
 
 
 def init_lora_A(A: torch.Tensor) -> None:
@@ -196,11 +265,12 @@ class LoRALinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_not_merged()
-        out = self.base(x)
         if self.merged:
-            return out
-        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
-        return add_update(out, a, self.lora_B.to(x.dtype), self.scale)
+            return self.base(x)
+        x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
+        out = self.base(x2)
+        a = F.linear(self.dropout(x2), self.lora_A.to(x.dtype))
+        return add_update(out, a, self.lora_B.to(x.dtype), self.scale, (*x.shape[:-1], self.out_features))
 
 
 class DoRALinear(AdapterLinear):
@@ -233,19 +303,21 @@ class DoRALinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_not_merged()
-        out = self.base(x)
         if self.merged:
-            return out
+            return self.base(x)
+        x2 = x.reshape(-1, self.in_features)
+        out = self.base(x2)
         g = self.magnitude / self.weight_norm()  # (d_out,)
         if self.dropout_active():
-            h = self.dropout(x)
+            h = self.dropout(x2)
             wx = F.linear(h, self.base.weight)
         else:
-            h = x
+            h = x2
             wx = out if self.base.bias is None else out - self.base.bias
         a = F.linear(h, self.lora_A.to(x.dtype))
         # g ⊙ s·B A h = s · (diag(g) B) A h: fold g into B (d_out×r) rather than scaling tokens×d_out
-        return add_update(out + (g.to(x.dtype) - 1) * wx, a, (g[:, None] * self.lora_B).to(x.dtype), self.scale)
+        return add_update(out + (g.to(x.dtype) - 1) * wx, a, (g[:, None] * self.lora_B).to(x.dtype), self.scale,
+                          (*x.shape[:-1], self.out_features))
 
     def merge(self) -> None:
         """W ← g ⊙ (W + s·BA) row-wise; the bias is outside the magnitude in DoRA and stays as is."""
@@ -291,11 +363,13 @@ class MoSLoRALinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_not_merged()
-        out = self.base(x)
         if self.merged:
-            return out
-        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
-        return add_update(out, a, (self.lora_B @ self.mixer).to(x.dtype), self.scale)
+            return self.base(x)
+        x2 = x.reshape(-1, self.in_features)
+        out = self.base(x2)
+        a = F.linear(self.dropout(x2), self.lora_A.to(x.dtype))
+        return add_update(out, a, (self.lora_B @ self.mixer).to(x.dtype), self.scale,
+                          (*x.shape[:-1], self.out_features))
 
 
 class MoELoRALinear(AdapterLinear):
@@ -321,14 +395,15 @@ class MoELoRALinear(AdapterLinear):
         raise RuntimeError("MoELoRA cannot be merged into W: the router weights G(x) depend on each input")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         N, r = self.num_experts, self.r
-        a = F.linear(self.dropout(x), self.lora_A.reshape(N * r, -1).to(x.dtype))  # (..., N·r)
-        logits = F.linear(x, self.router.weight.to(x.dtype)) if self.router is not None else None
-        G = route(self, logits, x).to(x.dtype)  # (tokens, N)
+        x2 = x.reshape(-1, self.in_features)
+        out = self.base(x2)
+        a = F.linear(self.dropout(x2), self.lora_A.reshape(N * r, -1).to(x.dtype))  # (tokens, N·r)
+        logits = F.linear(x2, self.router.weight.to(x.dtype)) if self.router is not None else None
+        G = route(self, logits, x2).to(x.dtype)  # (tokens, N)
         z = (G[:, :, None] * a.reshape(-1, N, r)).reshape(-1, N * r)
         up = self.lora_B.permute(1, 0, 2).reshape(self.out_features, N * r).to(x.dtype)  # [B_1 … B_N]
-        return add_update(out, z, up, self.scale)
+        return add_update(out, z, up, self.scale, (*x.shape[:-1], self.out_features))
 
 
 # -----------------------------------------------------------------------------
@@ -349,13 +424,16 @@ class MoRLinear(AdapterLinear):
     Trainable: r(d_in + d_out) + N(d_in + d_out + r) = 2dr + N(2d + r) (Table 2).
 
     Why the forward is one matmul (Fig. 3's "vector stack", made exact): eq. 15 is a LoRA of rank N·r with
-    tied factors. With z = (G(x) ⊗ 1_r) ⊙ (Ω_A ⊙ (A x)) ∈ R^{N·r} (Ω_A flattened row-major) and
-    B̃ = [diag(Ω_B[1]) B, …, diag(Ω_B[N]) B] ∈ R^{d_out×N·r}, the sum over experts is the inner product
-    of that matmul: ΔW x = (α/r) B̃ z. So the cost is A x (r·d_in), W_r x (N·d_in), elementwise work on
-    N·r numbers per token, and a single GEMM into d_out, instead of N GEMMs and a (tokens, N, d_out)
-    tensor that a per-expert loop would write and read. Building B̃ costs d_out·N·r, independent of tokens.
-    The α/r scale rides in the GEMM (addmm's alpha) and the add into W x in its beta, so ΔW x is never
-    stored on its own.
+    tied factors. With z = G(x) ⊗ (A x) ∈ R^{N·r} (z[i·r + j] = G_i (A x)_j) and
+    B̃ = [diag(Ω_B[1]) B diag(Ω_A[1]), …, diag(Ω_B[N]) B diag(Ω_A[N])] ∈ R^{d_out×N·r}, the sum over
+    experts is the inner product of that matmul: ΔW x = (α/r) B̃ z. So the cost is A x (r·d_in),
+    W_r x (N·d_in), one outer product of N·r numbers per token, and a single GEMM into d_out, instead of
+    N GEMMs and a (tokens, N, d_out) tensor that a per-expert loop would write and read. Ω_A sits in B̃,
+    not in z: building B̃ costs d_out·N·r once per forward, independent of tokens, whereas scaling z
+    would cost a pass over tokens × N·r (the α/r scale is folded into B̃ for the same reason). The add
+    into W x rides in the GEMM's beta (in place, see add_update), so ΔW x is never stored on its own.
+    Training memory: with dropout on, x rather than drop(x) is kept for the backward (DroppedLinear),
+    since the router keeps x anyway; B̃'s fp32 intermediates are recomputed, not kept (TiedUp).
 
     Init (Table 2: A, R ~ random, B = 0): A kaiming-uniform(a=√5) as PEFT, router nn.Linear's default,
     B = 0, Ω_A = Ω_B = 1, so at step 0 the layer equals the base and every expert is the same LoRA.
@@ -392,23 +470,26 @@ class MoRLinear(AdapterLinear):
         raise RuntimeError("MoR cannot be merged into W: the router weights G(x) depend on each input "
                            "(the paper's stated limitation). In eval mode MoRLinear caches B̃ instead.")
 
-    def tied_up_weight(self) -> torch.Tensor:
-        """B̃ = [diag(Ω_B[i]) B]_i ∈ R^{d_out×N·r} (eq. 15 stacked): column i·r + j is Ω_B[i] ⊙ B[:, j]."""
-        N, r = self.num_experts, self.r
-        return (self.omega_B.t()[:, :, None] * self.lora_B[:, None, :]).reshape(self.out_features, N * r)
+    def up_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(α/r) B̃ = (α/r) [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r} in dtype (eq. 15 stacked; TiedUp)."""
+        return TiedUp.apply(self.lora_B, self.omega_A, self.omega_B, self.scale, dtype)
 
     def down_weight(self) -> torch.Tensor:
         """[A; W_r] ((r+N)×d_in): one GEMM for A x and W_r x when dropout is off (both read the same x)."""
         return self.lora_A if self.router is None else torch.cat([self.lora_A, self.router.weight])
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, B̃) in the compute dtype; cached in eval mode with gradients off (see class doc)."""
+        """(down, (α/r) B̃) in the compute dtype; cached in eval mode with gradients off (see class doc)."""
         use_cache = not torch.compiler.is_compiling() and not self.training and not torch.is_grad_enabled()
         if not use_cache:
-            return self.down_weight().to(dtype), self.tied_up_weight().to(dtype)
-        key = (dtype,) + tuple((p._version, p.data_ptr(), p.device, p.dtype) for _, p in self.adapter_parameters())
+            return self.down_weight().to(dtype), self.up_weight(dtype)
+        # the parameters read by attribute on every call (cheap, and a replaced Parameter is seen); the device is
+        # covered by _apply (.to(), .cuda()) and by data_ptr
+        params = (self.lora_A, self.lora_B, self.omega_A, self.omega_B) + (
+            (self.router.weight,) if self.router is not None else ())
+        key = (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, (self.down_weight().to(dtype), self.tied_up_weight().to(dtype)))
+            self._cache = (key, (self.down_weight().to(dtype), self.up_weight(dtype)))
         return self._cache[1]
 
     def train(self, mode: bool = True) -> MoRLinear:
@@ -421,21 +502,23 @@ class MoRLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, r = self.num_experts, self.r
-        out = self.base(x)  # eq. 13: W x (+ bias), frozen
+        x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
+        out = self.base(x2)  # eq. 13: W x (+ bias), frozen
         if self.dropout_active():
-            a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # A · drop(x)
+            # A · drop(x), keeping x (which the router keeps anyway) rather than drop(x) for the backward
+            a = DroppedLinear.apply(x2, self.lora_A.to(x.dtype), self.dropout.p)
             # the router sees the undropped x
-            logits = F.linear(x, self.router.weight.to(x.dtype)) if self.router is not None else None
-            up = self.tied_up_weight().to(x.dtype)
+            logits = F.linear(x2, self.router.weight.to(x.dtype)) if self.router is not None else None
+            up = self.up_weight(x.dtype)
         else:
             down, up = self.weights(x.dtype)
-            a_logits = F.linear(x, down)  # A x and W_r x in one GEMM
-            a, logits = a_logits[..., :r], (a_logits[..., r:] if self.router is not None else None)
-        G = route(self, logits, x).to(x.dtype)  # eq. 11: (tokens, N)
-        # eq. 15: z = (G ⊗ 1_r) ⊙ Ω_A ⊙ (A x), the N experts' rank-r codes side by side
-        z = (G[:, :, None] * self.omega_A.to(x.dtype) * a.reshape(-1, 1, r)).reshape(-1, N * r)
-        # eqs. 12, 15: Σ_i G_i(x) D_i x = (α/r) B̃ z, added into W x by one GEMM
-        return add_update(out, z, up, self.scale)
+            a_logits = F.linear(x2, down)  # A x and W_r x in one GEMM
+            a, logits = a_logits[:, :r], (a_logits[:, r:] if self.router is not None else None)
+        G = route(self, logits, x2).to(x.dtype)  # eq. 11: (tokens, N)
+        # eq. 15: z = G ⊗ (A x), the N experts' rank-r codes side by side (each expert's Ω_A is in B̃)
+        z = (G[:, :, None] * a[:, None, :]).reshape(-1, N * r)
+        # eqs. 12, 15: Σ_i G_i(x) D_i x = (α/r) B̃ z, added into W x by one GEMM (α/r is already in `up`)
+        return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
 
 
 # -----------------------------------------------------------------------------
