@@ -310,35 +310,42 @@ def test_cuda_bf16_base_fp32_adapters(tiny_ckpt, sft, tmp_path):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
+def mor_step_grads(ckpt: str, device: str, bf16: bool, compiled: bool) -> tuple[float, dict]:
+    """Loss and adapter gradients of one forward/backward of a MoR model (activation checkpointing on)."""
+    model = Transformer.from_checkpoint(ckpt, device=device)
+    torch.manual_seed(0)  # the same random A and router in every run
+    mor.add_adapters(model, "mor", r=4, num_experts=3, dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B != 0 and unequal experts, so that every adapter parameter gets a real gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
+    train.cast_for_training(model, torch.bfloat16 if bf16 else torch.float32)
+    model.train()
+    train.wrap_blocks(model, compile=compiled, grad_ckpt=True)
+    tokens = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autocast(device, torch.bfloat16, enabled=bf16):
+        logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @CUDA
 def test_cuda_compile_matches_eager(tiny_ckpt):
-    """Compiled blocks with activation checkpointing give eager's loss and gradients (bf16 base, fp32 MoR).
+    """Compiled blocks add no more error than bf16 itself: against an fp32 eager reference, the compiled bf16
+    loss and gradients are within twice the eager bf16 ones' error (and both close to it).
 
-    Compared on one forward/backward rather than after optimizer steps: Adam turns bf16 rounding noise in
-    near-zero gradients into full-size updates, so weights after a few steps say little about compile."""
-    tokens = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    results = []
-    for compiled in (False, True):
-        model = Transformer.from_checkpoint(tiny_ckpt, device="cuda")
-        torch.manual_seed(0)  # the same random A and router in both runs
-        mor.add_adapters(model, "mor", r=4, num_experts=3, dropout=0.0)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # B != 0 and unequal experts, so that every adapter parameter gets a real gradient
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
-        train.cast_for_training(model, torch.bfloat16)
-        model.train()
-        train.wrap_blocks(model, compile=compiled, grad_ckpt=True)
-        with torch.autocast("cuda", torch.bfloat16):
-            logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
-    (la, ga), (lb, gb) = results
-    assert lb == pytest.approx(la, rel=1e-2)
-    for n in ga:
-        assert (ga[n] - gb[n]).norm() <= 5e-2 * ga[n].norm() + 1e-6, n
+    Compared on one step rather than on weights after Adam steps: Adam turns bf16 rounding noise in
+    near-zero gradients into full-size updates."""
+    l32, g32 = mor_step_grads(tiny_ckpt, "cuda", bf16=False, compiled=False)
+    leager, geager = mor_step_grads(tiny_ckpt, "cuda", bf16=True, compiled=False)
+    lcomp, gcomp = mor_step_grads(tiny_ckpt, "cuda", bf16=True, compiled=True)
+    assert abs(lcomp - l32) <= 2 * abs(leager - l32) + 1e-3 * abs(l32)
+    for n, ref in g32.items():
+        e_eager, e_comp = (geager[n] - ref).norm(), (gcomp[n] - ref).norm()
+        assert e_comp <= 2 * e_eager + 1e-3 * ref.norm(), (n, e_comp.item(), e_eager.item())
+        assert e_comp <= 0.2 * ref.norm(), n
 
 
 @CUDA

@@ -1,0 +1,158 @@
+"""Whole training steps (forward, backward, clip, AdamW) of a random-weight LLaMA: MoR vs LoRA, MoELoRA, DoRA.
+
+    python bench/step.py                     # CUDA: LLaMA-2-7B, bf16 base; CPU: two 7B layers (preset 7b-2l), fp32
+    python bench/step.py --device cuda --preset 7b --n_layers 16 --batch 2
+    python bench/step.py --device cuda --compile --methods "MoR E8R8,LoRA R8"
+    python bench/step.py --device cpu --preset small --seq_len 256
+
+The step is train.py's: train.forward_backward (bf16 autocast on CUDA), clip_grad_norm_(1.0), AdamW
+(fused on CUDA), zero_grad. Adapters on w1, w2, w3 with the paper's r=8, alpha=32, dropout 0.05. All
+methods share one frozen base (its weights are stored once) and are timed round-robin in one process,
+each step right after a LoRA step ("time / LoRA": median over rounds of the pair's ratio; "(min / min)":
+fastest over fastest).
+Peak memory of a method = frozen base + its own trainable parameters and optimizer state + the peak of
+tensors allocated during its step (CUDA max_memory_allocated; CPU profiler allocation events): what a
+training process of that method alone would hold at its peak (allocator caching aside).
+MFU (CUDA) counts the frozen-base FLOPs only, the same for every method:
+    FLOPs/token = 4 N + 12 L d T
+N = non-embedding parameters of the base (every matmul weight incl. the output head): forward 2N, plus 2N
+for the input gradients, which the backward still needs through the frozen base (no weight gradients);
+12 L d T = attention scores and values, forward + backward (PaLM's convention: full T x T, causal mask
+not halved). Adapter FLOPs are left out, so a method's extra cost shows as lower MFU. Peak: train.peak_flops.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+import common  # noqa: F401  (puts the repo root on sys.path)
+from common import PRESETS, add_device_args, interleaved, machine, median, min_ratio, peak_bytes, print_table, \
+    random_base, ratio, setup_device, tensor_bytes
+import mor
+from llama import ModelArgs, Transformer
+
+METHODS = {  # label -> (mor method, hyper)
+    "MoR E8R8": ("mor", dict(num_experts=8)),
+    "LoRA R8": ("lora", {}),
+    "MoELoRA E8R8": ("moelora", dict(num_experts=8)),
+    "DoRA R8": ("dora", {}),
+    "MoELoRA E2R8": ("moelora", dict(num_experts=2)),
+    "MoSLoRA R8": ("moslora", {}),
+}
+
+
+def frozen_flops_per_token(model: Transformer, seq_len: int) -> float:
+    """4 N + 12 L d T (see the module doc); N excludes the embedding table (a lookup, no matmul)."""
+    # adapters add their own 2-D parameters (lora_A, ...): count only the frozen base's
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if p.dim() == 2 and "tok_embeddings" not in name and not p.requires_grad)
+    L, d = model.params.n_layers, model.params.dim
+    return 4 * n + 12 * L * d * seq_len
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n", 1)[1])
+    add_device_args(ap)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: 7b on CUDA, 7b-2l on CPU")
+    ap.add_argument("--n_layers", type=int, default=None, help="override the preset's layer count (printed)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step (default 1: the paper's global batch "
+                                                         "8 over 8 GPUs)")
+    ap.add_argument("--seq_len", type=int, default=None, help="default: 1024 on CUDA (paper), 128 on CPU")
+    ap.add_argument("--methods", default="MoR E8R8,LoRA R8,MoELoRA E8R8,DoRA R8",
+                    help=f"comma-separated, from {list(METHODS)}; LoRA R8 is the reference")
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: 3 CUDA, 1 CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 10 CUDA, 4 CPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every transformer block with train.wrap_blocks, as train.py does on CUDA "
+                         "(identical blocks share one compilation: the cost is a block or two per method, not 32)")
+    args = ap.parse_args(argv)
+    device = setup_device(args)
+    cuda = device.type == "cuda"
+    import train  # the real training step (forward_backward) and its peak-FLOPs table
+    preset = args.preset or ("7b" if cuda else "7b-2l")
+    cfg = dict(PRESETS[preset])
+    if args.n_layers:
+        cfg["n_layers"] = args.n_layers
+    seq_len = args.seq_len or (1024 if cuda else 128)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    repeats = args.repeats if args.repeats is not None else (10 if cuda else 4)
+    labels = [s.strip() for s in args.methods.split(",") if s.strip()]
+    if bad := [s for s in labels if s not in METHODS]:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
+    if "LoRA R8" not in labels:
+        labels.insert(0, "LoRA R8")
+    base_dtype = torch.bfloat16 if cuda else torch.float32
+    params = ModelArgs(**cfg, max_seq_len=seq_len, max_batch_size=args.batch)
+
+    print(f"# bench/step.py: training step of a random-weight LLaMA, preset {preset}: dim {cfg['dim']}, "
+          f"{cfg['n_layers']} layers{' (--n_layers override)' if args.n_layers else ''}, vocab {cfg['vocab_size']}")
+    print(f"# {machine(device)}")
+    print(f"# base {str(base_dtype).replace('torch.', '')} frozen, adapters fp32 on w1,w2,w3 r=8 alpha=32 dropout "
+          f"{args.dropout}{', bf16 autocast' if cuda else ''}{', torch.compile per block' if args.compile else ''}; "
+          f"batch {args.batch} x seq_len {seq_len}; {warmup} warm-up + {repeats} timed rounds")
+
+    base = random_base(params, device, base_dtype, args.seed)
+    base_bytes = tensor_bytes(base.parameters())
+    shared = {id(p): p for p in base.parameters()}  # deepcopy memo: every model reuses the frozen weights
+    g = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, cfg["vocab_size"], (args.batch, seq_len), generator=g)
+    micro = [{"input_ids": tokens, "labels": tokens.clone(), "lengths": torch.full((args.batch,), seq_len)}]
+    steps, states = {}, {}
+    for label in labels:
+        method, hyper = METHODS[label]
+        model = copy.deepcopy(base, memo=dict(shared))
+        torch.manual_seed(args.seed)
+        mor.add_adapters(model, method, ("w1", "w2", "w3"), r=8, alpha=32, dropout=args.dropout, **hyper)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=cuda)
+        if args.compile:
+            train.wrap_blocks(model, compile=True, grad_ckpt=False)  # exactly train.py's per-block compile
+
+        def step(model=model, trainable=trainable, opt=opt):
+            train.forward_backward(model, micro, device, autocast=cuda, raw=model)
+            float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))  # train.py reads the norm: a sync
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[label] = step
+        states[label] = (model, trainable, opt)
+    times = interleaved(steps, device, warmup, repeats, paired_ref="LoRA R8")
+    rows, peaks = [], {}
+    flops = frozen_flops_per_token(base, seq_len)
+    peak_fl = train.peak_flops(device) if cuda else 0.0
+    for label in labels:  # after warm-up, so the optimizer state exists and counts as resident
+        model, trainable, opt = states[label]
+        own = tensor_bytes(trainable + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)])
+        peaks[label] = base_bytes + own + peak_bytes(steps[label], device)
+    ref = "LoRA R8"
+    for label in labels:
+        t = median(times[label])
+        row = [label, f"{sum(p.numel() for p in states[label][1]) / 1e6:.2f}M", f"{t * 1e3:.0f}",
+               f"{args.batch * seq_len / t:,.0f}", f"{ratio(times, label, ref):.3f}",
+               f"{min_ratio(times, label, ref):.3f}",
+               f"{peaks[label] / 2**30:.3f}", f"{peaks[label] / peaks[ref]:.3f}"]
+        if peak_fl:
+            row.append(f"{args.batch * seq_len * flops / t / peak_fl * 100:.1f}%")
+        rows.append(row)
+    print()
+    print_table(["method", "trainable", "step ms", "tokens/s", "time / LoRA", "(min / min)", "peak GiB", "mem / LoRA"]
+                + (["MFU"] if peak_fl else []), rows)
+    if peak_fl:
+        print(f"MFU = tokens/s x {flops / 1e9:.2f} GFLOP/token (4N + 12LdT, frozen base only) / "
+              f"{peak_fl / 1e12:.0f} TFLOP/s peak ({torch.cuda.get_device_name(device)})")
+    if "MoR E8R8" in labels:
+        r = ratio(times, "MoR E8R8", ref)
+        print(f"target MoR E8R8 step <= 1.05 x LoRA R8: {r:.3f} -> {'met' if r <= 1.05 else 'MISSED'}")
+        if "MoELoRA E8R8" in labels:
+            r = ratio(times, "MoR E8R8", "MoELoRA E8R8")
+            print(f"target MoR E8R8 step <= 0.80 x MoELoRA E8R8: {r:.3f} -> {'met' if r <= 0.80 else 'MISSED'}")
+        r = peaks["MoR E8R8"] / peaks[ref]
+        print(f"target MoR E8R8 peak memory <= 1.05 x LoRA R8: {r:.3f} -> {'met' if r <= 1.05 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
