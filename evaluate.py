@@ -691,6 +691,13 @@ def bench_prefix(model, tokenizer, tasks, data_dir: str, limit: int | None, batc
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:   # bad input (files, rows, labels, checkpoints): one line naming the file and the problem
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:   # CheckpointError is a ValueError
+        sys.exit(f"error: {e}")
+
+
+def run(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Zero-shot evaluation on the paper's benchmarks (lm-eval-harness style).")
     ap.add_argument("--ckpt_dir", required=True, help="base model in Meta's layout (params.json, consolidated.NN.pth)")
     ap.add_argument("--adapter", help="adapter checkpoint written by train.py (mor.save_adapter)")
@@ -720,9 +727,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.adapter:
         mor.load_adapter(model, args.adapter)
     model.eval()
-    candidates = [os.path.join(args.ckpt_dir, "tokenizer.model"),
-                  os.path.join(os.path.dirname(os.path.abspath(args.ckpt_dir)), "tokenizer.model")]
-    tokenizer = llama.Tokenizer(args.tokenizer or next((p for p in candidates if os.path.isfile(p)), candidates[0]))
+    tokenizer = llama.load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
     if args.bench_prefix:
         bench_prefix(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size)
         return

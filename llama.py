@@ -383,6 +383,20 @@ def check_tokenizer(path: str, vocab_size: int) -> None:
         raise CheckpointError(f"{path}: tokenizer has {n} tokens but the model's vocabulary is {vocab_size}")
 
 
+def tokenizer_path(ckpt_dir: str, path: str | None = None) -> str:
+    """`path`, else tokenizer.model in ckpt_dir, else in its parent (where LLaMA-2 downloads keep it)."""
+    candidates = [os.path.join(ckpt_dir, "tokenizer.model"),
+                  os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")]
+    return path or next((p for p in candidates if os.path.isfile(p)), candidates[0])
+
+
+def load_tokenizer(ckpt_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
+    """The tokenizer of a Meta checkpoint (see tokenizer_path), checked against the model's vocabulary."""
+    path = tokenizer_path(ckpt_dir, path)
+    check_tokenizer(path, vocab_size)
+    return Tokenizer(path)
+
+
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling: keep the most likely tokens until their mass reaches p (the one crossing p included)."""
     sorted_probs, idx = probs.sort(dim=-1, descending=True)
@@ -455,15 +469,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    candidates = [os.path.join(args.ckpt_dir, "tokenizer.model"),
-                  os.path.join(os.path.dirname(os.path.abspath(args.ckpt_dir)), "tokenizer.model")]
-    tok_path = args.tokenizer or next((p for p in candidates if os.path.isfile(p)), candidates[0])
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     t0 = time.time()
     try:   # bad files: one line naming the file and the problem, not a traceback
-        tokenizer = Tokenizer(tok_path)
         model = Transformer.from_checkpoint(args.ckpt_dir, args.device, dtype, args.max_seq_len, max_batch_size=1)
-        check_tokenizer(tok_path, model.params.vocab_size)
+        tokenizer = load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     t1 = time.time()

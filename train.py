@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import data
 import mor
-from llama import CheckpointError, ModelArgs, Tokenizer, Transformer
+from llama import CheckpointError, ModelArgs, Tokenizer, Transformer, check_tokenizer, tokenizer_path
 
 METHODS = ("mor", "lora", "dora", "moelora", "moslora", "full")
 
@@ -487,10 +487,8 @@ def train(cfg: TrainConfig) -> torch.nn.Module:
     ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False) if ckpt else None
 
-    tok_path = cfg.tokenizer or next((p for p in (os.path.join(cfg.ckpt_dir, "tokenizer.model"),
-                                                  os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt_dir)),
-                                                               "tokenizer.model")) if os.path.isfile(p)), "")
-    tokenizer = Tokenizer(tok_path or os.path.join(cfg.ckpt_dir, "tokenizer.model"))
+    tok_path = tokenizer_path(cfg.ckpt_dir, cfg.tokenizer)
+    tokenizer = Tokenizer(tok_path)
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id   # LLaMA has no pad token
     train_ex, val_ex, stats = load_data(cfg, tokenizer, rank)
     loader = data.Loader(train_ex, cfg.global_batch, cfg.micro_batch, cfg.seed, rank, world, pad_id,
@@ -506,6 +504,7 @@ def train(cfg: TrainConfig) -> torch.nn.Module:
         raw = build_sharded(cfg, ckpt, device, base_dtype, rank)
     else:
         raw = build_model(cfg, ckpt, device, base_dtype)
+    check_tokenizer(tok_path, raw.params.vocab_size)
     raw.train()
     model = raw
     if not cfg.fsdp:

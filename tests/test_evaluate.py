@@ -469,3 +469,17 @@ def test_items_split_across_ranks_and_gathered(tmp_path):
         assert (res["piqa"]["acc"], res["piqa"]["acc_norm"], res["piqa"]["n"]) == pytest.approx((1 / 3, 2 / 3, 3))
         assert (res["mmlu"]["acc"], res["mmlu"]["n"]) == pytest.approx((1 / 3, 3))
         assert res["mmlu"]["subjects"]["abstract_algebra"]["n"] == 2
+
+
+def test_cli_bad_input_is_one_line_error(tiny_ckpt, tmp_path, capsys):
+    """A task named on the command line whose folder is missing, and a malformed row: `error: <file>: ...`
+    and exit, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "hellaswag"])
+    assert re.fullmatch(r"error: .*hellaswag.*no folder for task hellaswag.*", str(e.value))
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\nnot json\n')
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "piqa"])
+    assert str(e.value).startswith(f"error: {tmp_path / 'piqa' / 'valid.jsonl'}:2: ")

@@ -7,6 +7,8 @@ import shutil
 import pytest
 import torch
 
+import llama
+import sentencepiece as spm
 from conftest import STORIES
 from data import train_tokenizer
 from llama import (CheckpointError, ModelArgs, Tokenizer, Transformer, apply_scaling, ffn_hidden_dim, generate,
@@ -357,3 +359,16 @@ def test_stories260k_greedy_continuation():
     text = tok.decode(prompt + generate(model, [prompt], 60, eos_id=tok.eos_id)[0])
     words = set(text.replace(".", " ").replace(",", " ").split())
     assert {"the", "a", "was", "She"} & words and text.startswith("Once upon a time")
+
+
+def test_load_tokenizer_finds_parent_and_checks_vocab(tmp_path):
+    """LLaMA-2 downloads keep tokenizer.model beside the model folder: it is found there, and a tokenizer
+    whose vocabulary differs from the model's is refused by name."""
+    params = dict(TINY_PARAMS, vocab_size=384)
+    write_checkpoint(str(tmp_path / "llama-tiny"), params=params, tokenizer=False)
+    train_tokenizer(CORPUS * 4, str(tmp_path / "tokenizer.model"), vocab_size=320)
+    n = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).vocab_size()
+    assert llama.tokenizer_path(str(tmp_path / "llama-tiny")) == str(tmp_path / "tokenizer.model")
+    with pytest.raises(llama.CheckpointError, match=rf"tokenizer.model: tokenizer has {n} tokens but the model's vocabulary is 384"):
+        llama.load_tokenizer(str(tmp_path / "llama-tiny"), 384)
+    assert llama.load_tokenizer(str(tmp_path / "llama-tiny"), n).n_words == n
