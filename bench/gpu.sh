@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared run, about 8 minutes on one CUDA GPU, no network.
+# The GPU check: one prepared run, about 5 minutes on one H100 (8 minutes at worst: each part is capped), no network.
 #   1. the CUDA-only tests: bf16 frozen base + fp32 adapters, torch.compile vs eager, NCCL through
 #      torchrun with 1 process (DDP and FSDP2, with resume);
 #   2. bench/layer.py  one adapted 7B FFN linear vs the frozen base (bf16, batch 1 and 4 x 1024 tokens);
@@ -29,13 +29,14 @@ run() {
     echo "== device"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
-    part 130 "CUDA tests" python -m pytest -q -rs -k cuda tests/test_train.py
-    part 75 "one adapted linear" python bench/layer.py
-    part 90 "training step, eager" python bench/step.py
-    part 90 "decoding" python bench/infer.py --cuda_graph
+    part 150 "CUDA tests" python -m pytest -q -rs -k cuda tests/test_train.py
+    part 40 "one adapted linear" python bench/layer.py
+    part 60 "training step, eager" python bench/step.py
+    part 60 "decoding" python bench/infer.py --cuda_graph --models "frozen base,merged LoRA R8,MoR E8R8" \
+        --warmup 1 --repeats 3
     part 45 "loading" python bench/load.py --size_gb 4 --n_shards 2 --device cpu
-    part 60 "where the time goes" python bench/profile_layer.py --rows 8
-    part 110 "training step, compiled" python bench/step.py --compile --n_layers 8 --methods "MoR E8R8,LoRA R8"
+    part 40 "where the time goes" python bench/profile_layer.py --rows 8
+    part 80 "training step, compiled" python bench/step.py --compile --n_layers 8 --methods "MoR E8R8,LoRA R8"
 }
 
 if [ -n "${OUT:-}" ]; then
