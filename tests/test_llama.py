@@ -372,3 +372,17 @@ def test_load_tokenizer_finds_parent_and_checks_vocab(tmp_path):
     with pytest.raises(llama.CheckpointError, match=rf"tokenizer.model: tokenizer has {n} tokens but the model's vocabulary is 384"):
         llama.load_tokenizer(str(tmp_path / "llama-tiny"), 384)
     assert llama.load_tokenizer(str(tmp_path / "llama-tiny"), n).n_words == n
+
+
+def test_bf16_checkpoint_loads_exactly(tmp_path):
+    """Meta ships bf16 tensors: loaded as fp32 they are the bf16 values exactly, and as bf16 bit for bit."""
+    d = str(tmp_path / "bf16")
+    sd = write_checkpoint(d, n_shards=2)
+    for i in range(2):
+        path = os.path.join(d, f"consolidated.{i:02d}.pth")
+        shard = torch.load(path, weights_only=True)
+        torch.save({k: v.to(torch.bfloat16) for k, v in shard.items()}, path)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = Transformer.from_checkpoint(d, dtype=dtype)
+        for k, v in model.state_dict().items():
+            assert v.dtype == dtype and torch.equal(v, sd[k].to(torch.bfloat16).to(dtype)), k
