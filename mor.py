@@ -273,8 +273,8 @@ class LoRALinear(AdapterLinear):
         return add_update(out, a, self.lora_B.to(x.dtype), self.scale, (*x.shape[:-1], self.out_features))
 
 
-class DoRALinear(AdapterLinear):
-    """DoRA (Liu et al. 2024) with HF PEFT numerics.
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024) with HF PEFT numerics: LoRA's A, B plus a learned magnitude per output row.
 
     o = m / ‖W + s·B A‖_row ⊙ (W x + s·B A x) + b, s = α/r, the row norm detached (DoRA §4.3), m (d_out)
     the learned `magnitude`, initialised to ‖W‖_row so the layer equals the base at step 0.
@@ -285,11 +285,8 @@ class DoRALinear(AdapterLinear):
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
         fk = self.factory()
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **fk))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
-        init_lora_A(self.lora_A)
         with torch.no_grad():
             self.magnitude = nn.Parameter(torch.linalg.vector_norm(base.weight.to(fk["dtype"]), dim=1))
         self._merged_gain = None
