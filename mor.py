@@ -260,8 +260,12 @@ class LoRALinear(AdapterLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
         init_lora_A(self.lora_A)
 
+    def up(self) -> torch.Tensor:
+        """The d_out×r factor applied after A: B (MoSLoRA: B M)."""
+        return self.lora_B
+
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.lora_B @ self.lora_A
+        return self.scale * self.up() @ self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_not_merged()
@@ -270,7 +274,7 @@ class LoRALinear(AdapterLinear):
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
         out = self.base(x2)
         a = F.linear(self.dropout(x2), self.lora_A.to(x.dtype))
-        return add_update(out, a, self.lora_B.to(x.dtype), self.scale, (*x.shape[:-1], self.out_features))
+        return add_update(out, a, self.up().to(x.dtype), self.scale, (*x.shape[:-1], self.out_features))
 
 
 class DoRALinear(LoRALinear):
@@ -339,34 +343,21 @@ class DoRALinear(LoRALinear):
         self.merged = False
 
 
-class MoSLoRALinear(AdapterLinear):
+class MoSLoRALinear(LoRALinear):
     """MoSLoRA (Wu et al. 2024, Mixture-of-Subspaces LoRA): ΔW = (α/r) · B M A with a learnable r×r mixer M.
 
     M (`mixer`) kaiming-uniform(a=√5), A as LoRA, B = 0. Computed as (B M) A x: B M is d_out×r, so the
-    cost is LoRA's. Trainable: r(d_in + d_out) + r². Mergeable.
+    cost is LoRA's, and everything else (forward, merge) is LoRA's with B M in place of B.
+    Trainable: r(d_in + d_out) + r². Mergeable.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
-        super().__init__(base, r, alpha, dropout)
-        fk = self.factory()
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **fk))
-        self.mixer = nn.Parameter(torch.empty(r, r, **fk))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
-        init_lora_A(self.lora_A)
+        super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
+        self.mixer = nn.Parameter(torch.empty(r, r, **self.factory()))
         nn.init.kaiming_uniform_(self.mixer, a=math.sqrt(5))
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.lora_B @ self.mixer @ self.lora_A
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_not_merged()
-        if self.merged:
-            return self.base(x)
-        x2 = x.reshape(-1, self.in_features)
-        out = self.base(x2)
-        a = F.linear(self.dropout(x2), self.lora_A.to(x.dtype))
-        return add_update(out, a, (self.lora_B @ self.mixer).to(x.dtype), self.scale,
-                          (*x.shape[:-1], self.out_features))
+    def up(self) -> torch.Tensor:
+        return self.lora_B @ self.mixer
 
 
 class MoELoRALinear(AdapterLinear):
