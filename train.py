@@ -206,8 +206,8 @@ def cast_for_training(model: torch.nn.Module, base_dtype: torch.dtype) -> None:
         p.data = p.data.to(torch.float32 if p.requires_grad else base_dtype)
 
 
-def wrap_blocks(model: Transformer, compile: bool, grad_ckpt: bool) -> None:
-    """torch.compile and/or activation checkpointing, per transformer block.
+def wrap_blocks(model: Transformer, compile: bool, grad_ckpt: bool, mode: str | None = None) -> None:
+    """torch.compile (with torch.compile's `mode`) and/or activation checkpointing, per transformer block.
 
     Per block: the identical blocks share one compiled graph, so compile time does not grow with depth.
     Checkpointing keeps only each block's input and recomputes its inside during the backward (around the
@@ -219,7 +219,7 @@ def wrap_blocks(model: Transformer, compile: bool, grad_ckpt: bool) -> None:
     for block in model.layers:
         forward = block.forward
         if compile:
-            forward = torch.compile(forward)
+            forward = torch.compile(forward, mode=mode)
         if grad_ckpt:
             forward = partial(checkpoint, forward, use_reentrant=False)
         block.forward = forward

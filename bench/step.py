@@ -3,6 +3,7 @@
     python bench/step.py                     # CUDA: LLaMA-2-7B, bf16 base; CPU: two 7B layers (preset 7b-2l), fp32
     python bench/step.py --device cuda --preset 7b --n_layers 16 --batch 2
     python bench/step.py --device cuda --compile --methods "MoR E8R8,LoRA R8"
+    python bench/step.py --device cuda --compile_mode reduce-overhead --n_layers 8   # compiled + CUDA graphs
     python bench/step.py --device cpu --preset small --seq_len 256
 
 The step is train.py's: train.forward_backward (bf16 autocast on CUDA), clip_grad_norm_(1.0), AdamW
@@ -69,9 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile every transformer block with train.wrap_blocks, as train.py does on CUDA "
                          "(identical blocks share one compilation: the cost is a block or two per method, not 32)")
+    ap.add_argument("--compile_mode", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile's mode for --compile (implies it); reduce-overhead and max-autotune also "
+                         "replay each compiled block as a CUDA graph, which removes the per-kernel launch cost")
     args = ap.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     device = setup_device(args)
     cuda = device.type == "cuda"
+    # CUDA graphs (on CUDA only) reuse their output memory each replay: a training loop marks each step's start
+    graphs = cuda and args.compile_mode in ("reduce-overhead", "max-autotune")
     import train  # the real training step (forward_backward) and its peak-FLOPs table
     preset = args.preset or ("7b" if cuda else "7b-2l")
     cfg = dict(PRESETS[preset])
@@ -88,11 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     base_dtype = torch.bfloat16 if cuda else torch.float32
     params = ModelArgs(**cfg, max_seq_len=seq_len, max_batch_size=args.batch)
 
+    compiled = f", torch.compile per block (mode {args.compile_mode or 'default'})" if args.compile else ""
     print(f"# bench/step.py: training step of a random-weight LLaMA, preset {preset}: dim {cfg['dim']}, "
           f"{cfg['n_layers']} layers{' (--n_layers override)' if args.n_layers else ''}, vocab {cfg['vocab_size']}")
     print(f"# {machine(device)}")
     print(f"# base {str(base_dtype).replace('torch.', '')} frozen, adapters fp32 on w1,w2,w3 r=8 alpha=32 dropout "
-          f"{args.dropout}{', bf16 autocast' if cuda else ''}{', torch.compile per block' if args.compile else ''}; "
+          f"{args.dropout}{', bf16 autocast' if cuda else ''}{compiled}; "
           f"batch {args.batch} x seq_len {seq_len}; {warmup} warm-up + {repeats} timed rounds")
 
     base = random_base(params, device, base_dtype, args.seed)
@@ -111,9 +120,12 @@ def main(argv: list[str] | None = None) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=cuda)
         if args.compile:
-            train.wrap_blocks(model, compile=True, grad_ckpt=False)  # exactly train.py's per-block compile
+            # exactly train.py's per-block compile
+            train.wrap_blocks(model, compile=True, grad_ckpt=False, mode=args.compile_mode)
 
         def step(model=model, trainable=trainable, opt=opt):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             train.forward_backward(model, micro, device, autocast=cuda, raw=model)
             float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))  # train.py reads the norm: a sync
             opt.step()
