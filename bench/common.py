@@ -30,6 +30,8 @@ PRESETS = {
     "7b-2l": dict(dim=4096, n_layers=2, n_heads=32, vocab_size=8192, multiple_of=256),
     # ~135M non-embedding parameters, dim 1024: the adapters cost relatively more at this width
     "small": dict(dim=1024, n_layers=8, n_heads=16, vocab_size=32000, multiple_of=256),
+    # seconds on any CPU: for checking that the scripts run (tests/test_bench.py), not for measuring
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32),
 }
 
 

@@ -103,7 +103,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 30 CUDA, 5 CPU)")
     ap.add_argument("--rows", default="", help="comma-separated row labels to run (default: all); the frozen "
                                                "base always runs")
+    ap.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES),
+                    help="comma-separated d_in x d_out of the linears timed together (default: LLaMA-2-7B's FFN)")
     args = ap.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise SystemExit(f"--shapes: expected e.g. 4096x11008,11008x4096, got {args.shapes!r}")
     device = setup_device(args)
     cuda = device.type == "cuda"
     batches = args.batch or ([1, 4] if cuda else [1])
@@ -121,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     def autocast():  # as train.py: bf16 autocast on CUDA, nothing on CPU
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
-    print(f"# bench/layer.py: one adapted linear, forward+backward, LLaMA-2-7B FFN shapes {SHAPES}")
+    print(f"# bench/layer.py: one adapted linear, forward+backward, shapes (d_in, d_out) {shapes}"
+          f"{' (LLaMA-2-7B FFN)' if shapes == SHAPES else ''}")
     print(f"# {machine(device)}")
     print(f"# base {str(base_dtype).replace('torch.', '')}, adapter params fp32"
           f"{', bf16 autocast' if cuda else ''}; dropout {args.dropout}; {warmup} warm-up + {repeats} timed rounds")
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         times = {}      # shape -> {label (or "frozen base>label"): list of seconds}
         peaks = {}      # label -> summed peak bytes over the shapes
         ops = {}        # label -> ops per forward+backward, summed over the shapes
-        for d_in, d_out in SHAPES:
+        for d_in, d_out in shapes:
             base = nn.Linear(d_in, d_out, bias=False, device=device, dtype=base_dtype).requires_grad_(False)
             x = torch.randn(tokens, d_in, device=device, dtype=base_dtype, requires_grad=True)
             g = torch.randn(tokens, d_out, device=device, dtype=base_dtype)
@@ -168,15 +177,15 @@ def main(argv: list[str] | None = None) -> None:
             if cuda:
                 torch.cuda.empty_cache()
         # ratios of the summed (both shapes) per-round times; each row against the base call right before it
-        total = {k: [sum(ts) for ts in zip(*(times[s][k] for s in SHAPES))] for k in times[SHAPES[0]]}
+        total = {k: [sum(ts) for ts in zip(*(times[s][k] for s in shapes))] for k in times[shapes[0]]}
         ref = "frozen base"
         table = []
         for label, _, _ in rows:
-            table.append([label] + [f"{median(times[s][label]) * 1e3:.2f}" for s in SHAPES]
+            table.append([label] + [f"{median(times[s][label]) * 1e3:.2f}" for s in shapes]
                          + [f"{ratio(total, label, ref):.3f}", f"{min_ratio(total, label, ref):.3f}",
                             f"{peaks[label] / 2**20:.0f}", f"{peaks[label] / peaks[ref]:.3f}", ops[label]])
         print(f"\nbatch {batch} x seq_len {seq_len} = {tokens} tokens")
-        print_table(["method"] + [f"ms {a}->{b}" for a, b in SHAPES]
+        print_table(["method"] + [f"ms {a}->{b}" for a, b in shapes]
                     + ["time / base", "(min / min)", "peak MiB", "mem / base", "ops"], table)
         if "MoR E8R8" in total:
             r = ratio(total, "MoR E8R8", ref)

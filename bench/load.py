@@ -49,8 +49,8 @@ def status() -> dict[str, int]:
 
 def config_for(size_bytes: float, elem: int) -> dict:
     """A LLaMA params.json whose weights take about size_bytes: dim 4096 layers (7B's) from 4 GB up,
-    dim 2048 below, as many layers as fit (at least one)."""
-    dim = 4096 if size_bytes >= 4e9 else 2048
+    dim 2048 from 0.5 GB, dim 256 below (checks that the script runs), as many layers as fit (at least one)."""
+    dim = 4096 if size_bytes >= 4e9 else 2048 if size_bytes >= 0.5e9 else 256
     vocab, hidden = 32000, 256 * ((int(8 * dim / 3) + 255) // 256)
     per_layer = (4 * dim * dim + 3 * dim * hidden + 2 * dim) * elem
     fixed = (2 * vocab * dim + dim) * elem

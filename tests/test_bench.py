@@ -1,0 +1,84 @@
+"""The bench/ scripts run end to end on tiny shapes on the CPU, so they cannot rot unnoticed.
+
+Times are printed by the scripts, never asserted here. What is asserted: each exits 0, the correctness
+checks the scripts make before timing pass (naive eq. 12 loop vs MoRLinear, cached decoding vs a full
+forward), and every table has its rows.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_bench(script: str, *args: str) -> str:
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, f"bench/{script} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def table_rows(out: str, labels: list[str]) -> dict[str, list[str]]:
+    """The cells after each label in a printed table (labels may contain spaces)."""
+    rows = {}
+    for line in out.splitlines():
+        for label in labels:
+            if line.startswith(label + "  "):
+                rows[label] = line[len(label):].split()
+    return rows
+
+
+def test_layer_runs_and_naive_loop_agrees():
+    out = run_bench("layer.py", "--device", "cpu", "--shapes", "64x192,192x64", "--seq_len", "16",
+                    "--warmup", "0", "--repeats", "1")
+    diffs = [float(d) for d in re.findall(r"# check \d+->\d+: naive eq. 12 loop vs mor.MoRLinear, max relative "
+                                          r"diff (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-4
+    labels = ["frozen base", "LoRA R8", "DoRA R8", "MoSLoRA R8", "MoELoRA E2R8", "MoELoRA E8R8", "MoR E1R8",
+              "MoR E2R8", "MoR E4R8", "MoR E8R8", "MoR E8R8 naive"]
+    rows = table_rows(out, labels)
+    assert set(rows) == set(labels)
+    for label, cells in rows.items():
+        assert float(cells[2]) > 0 and float(cells[5]) > 0, label  # time / base, mem / base
+    ops = {label: int(cells[-1]) for label, cells in rows.items()}
+    # the per-expert loop dispatches the expert work 8 times: more ops than the stacked form, which has more
+    # than plain LoRA (router, softmax, z, B-tilde), which has more than the base alone
+    assert ops["MoR E8R8 naive"] > ops["MoR E8R8"] > ops["LoRA R8"] > ops["frozen base"]
+    assert "target MoR E8R8 fwd+bwd <= 1.10 x frozen base:" in out
+
+
+def test_step_runs():
+    out = run_bench("step.py", "--device", "cpu", "--preset", "tiny", "--seq_len", "16", "--warmup", "0",
+                    "--repeats", "1")
+    rows = table_rows(out, ["MoR E8R8", "LoRA R8", "MoELoRA E8R8", "DoRA R8"])
+    assert len(rows) == 4 and rows["LoRA R8"][3] == "1.000"  # time / LoRA of the reference itself
+    for target in ("step <= 1.05 x LoRA R8", "step <= 0.80 x MoELoRA E8R8", "peak memory <= 1.05 x LoRA R8"):
+        assert f"target MoR E8R8 {target}:" in out
+
+
+def test_infer_runs_and_cached_decoding_matches():
+    out = run_bench("infer.py", "--device", "cpu", "--preset", "tiny", "--prompt_len", "8", "--new_tokens", "2",
+                    "--warmup", "0", "--repeats", "1")
+    diff = float(re.search(r"cached decoding vs full forward without caches, max relative diff (\S+)", out)[1])
+    assert diff < 1e-4
+    rows = table_rows(out, ["frozen base", "merged LoRA R8", "MoR E8R8", "MoELoRA E8R8", "unmerged LoRA R8"])
+    assert len(rows) == 5 and rows["merged LoRA R8"][2] == "1.000"
+
+
+def test_profile_layer_runs():
+    out = run_bench("profile_layer.py", "--device", "cpu", "--tokens", "8", "--d_in", "64", "--d_out", "192",
+                    "--rows", "3")
+    for label in ("frozen base", "LoRA R8", "MoR E8R8"):
+        assert f"== {label}: wall" in out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="bench/load.py reads /proc (Linux)")
+def test_load_runs_and_loads_every_byte():
+    out = run_bench("load.py", "--device", "cpu", "--size_gb", "0.05")
+    cells = table_rows(out, ["loaded model (bfloat16, cpu)"])["loaded model (bfloat16, cpu)"]
+    # the loaded parameters are the file's tensors: the same bytes, less the files' few KB of pickle framing
+    assert 0.99 < float(cells[1]) <= 1.0
+    assert "target peak resident memory <= 1.2 x checkpoint:" in out
