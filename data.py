@@ -116,6 +116,15 @@ def encode_example(example: dict, tokenizer, max_len: int = 1024) -> tuple[list[
 
 # ----------------------------------------------------------------------------- reading JSONL
 
+def is_unicode(s: str) -> bool:
+    """False for text with a lone surrogate ("\\ud83d" is valid JSON but no character): the tokenizer rejects it."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_example(obj) -> str | None:
     """Why a parsed JSONL line is not a usable example, or None if it is."""
     if not isinstance(obj, dict):
@@ -131,6 +140,8 @@ def check_example(obj) -> str | None:
                 return f"message {i} has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})"
             if not isinstance(m["content"], str) or not m["content"].strip():
                 return f"message {i} ({m['role']}) has empty content"
+            if not is_unicode(m["content"]):
+                return f"message {i} ({m['role']}) has invalid unicode (a lone surrogate escape)"
         if not any(m["role"] == "assistant" for m in msgs):
             return "no assistant turn (nothing to learn)"
         return None
@@ -139,8 +150,26 @@ def check_example(obj) -> str | None:
             return "'prompt' must be a string"
         if not isinstance(obj.get("completion"), str) or not obj["completion"].strip():
             return "'completion' is missing or empty"
+        if not (is_unicode(obj["prompt"]) and is_unicode(obj["completion"])):
+            return "'prompt' or 'completion' has invalid unicode (a lone surrogate escape)"
         return None
     return "expected a 'messages' list (Tulu format) or 'prompt' and 'completion' fields"
+
+
+def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """One JSONL line (bytes) -> (example, None), or (None, why it is not one). Blank lines give (None, None)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte {e.start} of the line)"
+    if not line.strip():
+        return None, None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg})"
+    reason = check_example(obj)
+    return (obj, None) if reason is None else (None, reason)
 
 
 def read_jsonl(paths: list[str] | str, skip_bad: bool = False) -> tuple[list[dict], int]:
@@ -152,18 +181,13 @@ def read_jsonl(paths: list[str] | str, skip_bad: bool = False) -> tuple[list[dic
     paths = [paths] if isinstance(paths, str) else list(paths)
     examples, n_bad = [], 0
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    reason = f"not valid JSON ({e.msg})"
-                else:
-                    reason = check_example(obj)
-                if reason is None:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is then a bad line like any other
+            for lineno, raw in enumerate(f, 1):
+                obj, reason = parse_line(raw)
+                if obj is not None:
                     examples.append(obj)
+                elif reason is None:  # blank
+                    continue
                 elif skip_bad:
                     n_bad += 1
                 else:

@@ -282,7 +282,7 @@ ROW_PARALLEL = ("wo", "w2")                                  # RowParallelLinear
 
 def find_shards(ckpt_dir: str) -> list[str]:
     """consolidated.00.pth, consolidated.01.pth, ... : one per model-parallel rank, no gaps."""
-    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    paths = sorted(glob.glob(os.path.join(glob.escape(ckpt_dir), "consolidated.*.pth")))  # "[chat]" is a name
     if not paths:
         raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
     for i, p in enumerate(paths):

@@ -114,10 +114,15 @@ BAD = [
      "empty content"),
     (json.dumps({"prompt": "p", "completion": ""}), "'completion' is missing or empty"),
     (json.dumps({"text": "hello"}), "expected a 'messages' list"),
+    # valid JSON (json.dumps escapes it as \ud83d) that the tokenizer cannot take: half an emoji
+    (json.dumps({"messages": [{"role": "user", "content": "hi \ud83d"}, {"role": "assistant", "content": "x"}]}),
+     "message 0 (user) has invalid unicode"),
+    (json.dumps({"prompt": "p", "completion": "\udc00 x"}), "'prompt' or 'completion' has invalid unicode"),
 ]
 
 
-@pytest.mark.parametrize("line,reason", BAD, ids=["json", "no_assistant", "role", "empty", "completion", "schema"])
+@pytest.mark.parametrize("line,reason", BAD, ids=["json", "no_assistant", "role", "empty", "completion", "schema",
+                                                  "surrogate_chat", "surrogate_completion"])
 def test_bad_line_names_file_and_line(tmp_path, line, reason):
     good = json.dumps({"dataset": "d", "id": "1", "messages": CONV})
     first = write_lines(tmp_path / "a.jsonl", [good, good])
@@ -126,6 +131,17 @@ def test_bad_line_names_file_and_line(tmp_path, line, reason):
         data.read_jsonl([first, second])
     examples, n_bad = data.read_jsonl([first, second], skip_bad=True)
     assert n_bad == 1 and len(examples) == 5
+
+
+def test_line_not_utf8_names_file_and_line(tmp_path):
+    good = json.dumps({"messages": CONV}).encode()
+    bad = json.dumps({"messages": CONV}).replace("Hello", "H\u00e9llo").encode("latin-1")  # é as one Latin-1 byte
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join([good, bad, good]) + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid UTF-8")):
+        data.read_jsonl(str(path))
+    examples, n_bad = data.read_jsonl(str(path), skip_bad=True)
+    assert n_bad == 1 and len(examples) == 2
 
 
 def test_load_dataset_counts(tmp_path, tok):
