@@ -22,9 +22,10 @@ Where the equations of §3 live:
 
 Dtypes: the adapter parameters are created in fp32 (or the base dtype if wider) because they are
 master weights for the optimizer, while the frozen base may be bf16. Every adapter computes in the
-dtype of its input x (the activation dtype): the small r×d factors are cast down to it, the large
-tokens×d activations are never cast up. The result is added into, and has the dtype of, the base
-layer's output. Gradients flow through the casts back to the fp32 parameters.
+dtype of the base layer's output (the activation dtype: x's, or bf16 under torch.autocast with an fp32
+model, where x is cast once for the adapter path as autocast would): the small r×d factors are cast
+down to it, the large tokens×d activations are never cast up. The result is added into, and has the
+dtype of, the base layer's output. Gradients flow through the casts back to the fp32 parameters.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
 
 
 def route(layer: nn.Module, logits: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """Router weights G(x) ∈ R^{tokens×N} in fp32, for MoR and MoELoRA (eq. 11 and Table 4).
+    """Router weights G(x) ∈ R^{tokens×N} in fp32 (fp64 for an fp64 x), for MoR and MoELoRA (eq. 11, Table 4).
 
     "learned" / "balanced": eq. 11, G_i(x) = exp(h_i) / Σ_j exp(h_j) with h(x) = W_r x on the undropped x
     (softmax in fp32 for bf16 safety). "mean": G_i = 1/N, no router parameters.
@@ -146,10 +147,11 @@ def route(layer: nn.Module, logits: torch.Tensor | None, x: torch.Tensor) -> tor
     """
     N = layer.num_experts
     tokens = x.numel() // x.shape[-1]
+    dt = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 safety; an fp64 model stays fp64
     if layer.router_kind == "mean":
-        G = torch.full((tokens, N), 1.0 / N, device=x.device, dtype=torch.float32)
+        G = torch.full((tokens, N), 1.0 / N, device=x.device, dtype=dt)
     else:
-        G = torch.softmax(logits.reshape(tokens, N), dim=-1, dtype=torch.float32)  # eq. 11
+        G = torch.softmax(logits.reshape(tokens, N), dim=-1, dtype=dt)  # eq. 11
     aux = balance_aux_loss(G) if layer.router_kind == "balanced" and layer.training else None
     if aux is not None or layer.aux_loss is not None:  # nn.Module.__setattr__ is slow: skip None -> None
         layer.aux_loss = aux
@@ -273,8 +275,9 @@ class LoRALinear(AdapterLinear):
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
         out = self.base(x2)
-        a = F.linear(self.dropout(x2), self.lora_A.to(x.dtype))
-        return add_update(out, a, self.up().to(x.dtype), self.scale, (*x.shape[:-1], self.out_features))
+        dt = out.dtype  # the compute dtype (see the module doc)
+        a = F.linear(self.dropout(x2.to(dt)), self.lora_A.to(dt))
+        return add_update(out, a, self.up().to(dt), self.scale, (*x.shape[:-1], self.out_features))
 
 
 class DoRALinear(LoRALinear):
@@ -308,16 +311,18 @@ class DoRALinear(LoRALinear):
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
+        dt = out.dtype
         g = self.magnitude / self.weight_norm()  # (d_out,)
         if self.dropout_active():
-            h = self.dropout(x2)
-            wx = F.linear(h, self.base.weight)
+            h = self.dropout(x2.to(dt))
+            wx = F.linear(h, self.base.weight.to(dt))
         else:
-            h = x2
-            wx = out if self.base.bias is None else out - self.base.bias
-        a = F.linear(h, self.lora_A.to(x.dtype))
+            h = x2.to(dt)
+            wx = out if self.base.bias is None else out - self.base.bias.to(dt)
+        a = F.linear(h, self.lora_A.to(dt))
+        # g - 1 before rounding to dt: g is ~1, where bf16's step (2^-8) would swallow a small change of m
         # g ⊙ s·B A h = s · (diag(g) B) A h: fold g into B (d_out×r) rather than scaling tokens×d_out
-        return add_update(out + (g.to(x.dtype) - 1) * wx, a, (g[:, None] * self.lora_B).to(x.dtype), self.scale,
+        return add_update(out + (g - 1).to(dt) * wx, a, (g[:, None] * self.lora_B).to(dt), self.scale,
                           (*x.shape[:-1], self.out_features))
 
     def merge(self) -> None:
@@ -386,11 +391,13 @@ class MoELoRALinear(AdapterLinear):
         N, r = self.num_experts, self.r
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
-        a = F.linear(self.dropout(x2), self.lora_A.reshape(N * r, -1).to(x.dtype))  # (tokens, N·r)
-        logits = F.linear(x2, self.router.weight.to(x.dtype)) if self.router is not None else None
-        G = route(self, logits, x2).to(x.dtype)  # (tokens, N)
+        dt = out.dtype
+        xa = x2.to(dt)
+        a = F.linear(self.dropout(xa), self.lora_A.reshape(N * r, -1).to(dt))  # (tokens, N·r)
+        logits = F.linear(xa, self.router.weight.to(dt)) if self.router is not None else None
+        G = route(self, logits, xa).to(dt)  # (tokens, N)
         z = (G[:, :, None] * a.reshape(-1, N, r)).reshape(-1, N * r)
-        up = self.lora_B.permute(1, 0, 2).reshape(self.out_features, N * r).to(x.dtype)  # [B_1 … B_N]
+        up = self.lora_B.permute(1, 0, 2).reshape(self.out_features, N * r).to(dt)  # [B_1 … B_N]
         return add_update(out, z, up, self.scale, (*x.shape[:-1], self.out_features))
 
 
@@ -428,8 +435,10 @@ class MoRLinear(AdapterLinear):
     (The paper leaves Ω's init open. Ω_B must not start at 0 together with B = 0: ∂L/∂B ∝ Ω_B and
     ∂L/∂Ω_B ∝ B, so neither would ever move.)
 
-    Eval mode with gradients off caches B̃ and the fused [A; W_r] (invalidated by train(), .to(), and any
-    in-place update of the parameters), so decoding costs one rank-N·r LoRA plus the router.
+    Eval mode with gradients off caches B̃ and the fused [A; W_r] (invalidated by train() and eval(), .to(),
+    and any in-place update of a parameter, which bumps its version counter; an update through `.data`
+    bypasses that counter, so call eval() again after one), so decoding costs one rank-N·r LoRA plus
+    the router.
     MoR cannot be merged into W (the paper's stated limitation): G depends on x.
     """
 
@@ -469,12 +478,13 @@ class MoRLinear(AdapterLinear):
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, (α/r) B̃) in the compute dtype; cached in eval mode with gradients off (see class doc)."""
         use_cache = not torch.compiler.is_compiling() and not self.training and not torch.is_grad_enabled()
-        if not use_cache:
-            return self.down_weight().to(dtype), self.up_weight(dtype)
         # the parameters read by attribute on every call (cheap, and a replaced Parameter is seen); the device is
         # covered by _apply (.to(), .cuda()) and by data_ptr
         params = (self.lora_A, self.lora_B, self.omega_A, self.omega_B) + (
             (self.router.weight,) if self.router is not None else ())
+        # tensors made under torch.inference_mode() have no version counter to key on: no cache for them
+        if not use_cache or any(p.is_inference() for p in params):
+            return self.down_weight().to(dtype), self.up_weight(dtype)
         key = (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, (self.down_weight().to(dtype), self.up_weight(dtype)))
@@ -492,17 +502,19 @@ class MoRLinear(AdapterLinear):
         N, r = self.num_experts, self.r
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
         out = self.base(x2)  # eq. 13: W x (+ bias), frozen
+        dt = out.dtype  # the compute dtype (see the module doc)
+        xa = x2.to(dt)
         if self.dropout_active():
             # A · drop(x), keeping x (which the router keeps anyway) rather than drop(x) for the backward
-            a = DroppedLinear.apply(x2, self.lora_A.to(x.dtype), self.dropout.p)
+            a = DroppedLinear.apply(xa, self.lora_A.to(dt), self.dropout.p)
             # the router sees the undropped x
-            logits = F.linear(x2, self.router.weight.to(x.dtype)) if self.router is not None else None
-            up = self.up_weight(x.dtype)
+            logits = F.linear(xa, self.router.weight.to(dt)) if self.router is not None else None
+            up = self.up_weight(dt)
         else:
-            down, up = self.weights(x.dtype)
-            a_logits = F.linear(x2, down)  # A x and W_r x in one GEMM
+            down, up = self.weights(dt)
+            a_logits = F.linear(xa, down)  # A x and W_r x in one GEMM
             a, logits = a_logits[:, :r], (a_logits[:, r:] if self.router is not None else None)
-        G = route(self, logits, x2).to(x.dtype)  # eq. 11: (tokens, N)
+        G = route(self, logits, xa).to(dt)  # eq. 11: (tokens, N)
         # eq. 15: z = G ⊗ (A x), the N experts' rank-r codes side by side (each expert's Ω_A is in B̃)
         z = (G[:, :, None] * a[:, None, :]).reshape(-1, N * r)
         # eqs. 12, 15: Σ_i G_i(x) D_i x = (α/r) B̃ z, added into W x by one GEMM (α/r is already in `up`)

@@ -186,8 +186,66 @@ def test_eval_cache_matches_train_and_invalidates():
         layer.omega_B.mul_(2.0)  # an in-place update (as an optimizer step) must invalidate the cache
         out3 = layer(x)
     torch.testing.assert_close(out3, naive_mor(layer, x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        layer.lora_B.data.mul_(3.0)  # .data bypasses the version counter: eval() again is the documented refresh
+        layer.eval()
+        out4 = layer(x)
+    torch.testing.assert_close(out4, naive_mor(layer, x), atol=1e-5, rtol=1e-5)
     layer.train()
     assert layer._cache is None
+
+
+def test_eval_with_parameters_made_under_inference_mode():
+    """Inference tensors have no version counter (the cache key): such a layer computes B̃ afresh, correctly."""
+    with torch.inference_mode():
+        layer = mor.MoRLinear(nn.Linear(12, 10), r=4, alpha=8, num_experts=3, dropout=0.0)
+        randomize(layer)
+        layer.eval()
+        x = torch.randn(4, 12)
+        out = layer(x)
+        assert layer.lora_B.is_inference()
+    with torch.no_grad():
+        out2 = layer(x)
+        ref = naive_mor(layer, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2, out)
+
+
+def test_mor_gradcheck_fp64():
+    """Finite differences in fp64 agree with MoR's gradients (DroppedLinear and TiedUp's hand-written backward
+    included: dropout on, with the same mask for every evaluation); the router stays fp64 for fp64 inputs."""
+    torch.manual_seed(0)
+    layer = mor.MoRLinear(nn.Linear(6, 5).double(), r=3, alpha=6, num_experts=2, dropout=0.3)
+    randomize(layer)
+    names = [n for n, _ in layer.adapter_parameters()]
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *params):
+        torch.manual_seed(7)  # one dropout mask for every call
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+    inputs = (x, *(p.detach().clone().requires_grad_() for _, p in layer.adapter_parameters()))
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-6, rtol=1e-5)
+    assert layer.router_sum.dtype == torch.float32 and f(*inputs).dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls", [mor.LoRALinear, mor.DoRALinear, mor.MoSLoRALinear, mor.MoELoRALinear, mor.MoRLinear])
+def test_fp32_model_under_autocast(cls):
+    """The standard mixed-precision recipe (fp32 weights, bf16 autocast): the adapter follows the base output's
+    dtype and matches the same layer in fp32 to bf16 precision; gradients reach the fp32 parameters."""
+    layer = cls(nn.Linear(16, 8), r=4, dropout=0.0)
+    randomize(layer)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16: 2^-8 relative per rounding
+    layer.dropout = nn.Dropout(0.1)  # the training path (DroppedLinear for MoR) too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    for n, p in layer.adapter_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0, n
 
 
 @pytest.mark.parametrize("cls", [mor.LoRALinear, mor.DoRALinear, mor.MoSLoRALinear, mor.MoELoRALinear, mor.MoRLinear])
@@ -286,6 +344,19 @@ def test_dora_init_equals_base_and_formula():
     params = adapter_tensors(layer) + [x]
     for g, g_ref in zip(grads(out, params), grads(ref, params)):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_bf16_keeps_a_small_magnitude_change():
+    """m moved by 0.3 % (a few optimizer steps) must move a bf16 layer's output by 0.3 % on average; rounding g
+    to bf16 before subtracting 1 (bf16's step at 1 is 2^-8 = 0.4 %) used to make the change vanish."""
+    torch.manual_seed(0)
+    layer = mor.DoRALinear(nn.Linear(64, 32, bias=False).to(torch.bfloat16), r=4, alpha=8, dropout=0.0)  # B = 0
+    with torch.no_grad():
+        layer.magnitude.mul_(1.003)  # g = m / ||W|| = 1.003 on every row
+    x = torch.randn(256, 64, dtype=torch.bfloat16)
+    out, base_out = layer(x).double(), layer.base(x).double()
+    gain = ((out - base_out) * base_out).sum() / (base_out ** 2).sum()  # least-squares out ≈ (1 + gain) base_out
+    assert abs(gain.item() - 0.003) < 0.0005
 
 
 def test_dora_dropout_like_peft():
