@@ -259,6 +259,30 @@ def _label(value, n: int, base: int = 0) -> int:
     return i
 
 
+def _text(value, what: str) -> str:
+    """A text field of a row as it is (empty allowed: HellaSwag's ctx_b often is), or a clear error; so that a
+    null or a number is a bad row here, not the prompt "None" or a crash in the tokenizer."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r:.40}")
+    return value
+
+
+def check_item(item: dict) -> None:
+    """What the tokenizer will see: every prompt, choice and answer valid Unicode text (a file's bytes that are
+    not UTF-8 arrive as lone surrogates, see _raw_rows), and nothing scored empty."""
+    scored = list(item.get("choices", [])) + ([item["continuation"]] if "continuation" in item else [])
+    texts = scored + list(item.get("contexts", [])) + ([item["context"]] if "context" in item else [])
+    for t in texts + list(item.get("answers", [])):
+        _text(t, "every choice and prompt")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"text {t[:30]!r} is not valid Unicode (bytes that are not UTF-8, or a lone "
+                             "surrogate escape)") from None
+    if any(not t.strip() for t in scored):
+        raise ValueError("an empty choice or continuation (nothing to score)")
+
+
 def _keyed_choices(choices, answer_key) -> tuple[list[str], int]:
     """ARC/OBQA choices: official [{"text", "label"}, ...] or HF {"text": [...], "label": [...]}; labels
     are A-E or 1-5 and the gold is the position of answerKey among them."""
@@ -274,13 +298,13 @@ def _keyed_choices(choices, answer_key) -> tuple[list[str], int]:
 
 def format_piqa(row: dict) -> dict:
     """PIQA: "Question: {goal}\\nAnswer:" -> [sol1, sol2]; label 0/1 (valid-labels.lst or HF "label")."""
-    return dict(context=f"Question: {row['goal']}\nAnswer:", choices=[row["sol1"], row["sol2"]],
+    return dict(context=f"Question: {_text(row['goal'], 'goal')}\nAnswer:", choices=[row["sol1"], row["sol2"]],
                 gold=_label(row["label"], 2))
 
 
 def format_siqa(row: dict) -> dict:
     """SIQA: "Q: {context} {question}\\nA:" -> [answerA, answerB, answerC]; label 1..3 (both forms)."""
-    return dict(context=f"Q: {row['context']} {row['question']}\nA:",
+    return dict(context=f"Q: {_text(row['context'], 'context')} {_text(row['question'], 'question')}\nA:",
                 choices=[row["answerA"], row["answerB"], row["answerC"]], gold=_label(row["label"], 3, base=1))
 
 
@@ -300,7 +324,7 @@ def format_arc(row: dict) -> dict:
     q = row["question"]
     stem, choices = (q["stem"], q["choices"]) if isinstance(q, dict) else (q, row["choices"])
     texts, gold = _keyed_choices(choices, row["answerKey"])
-    return dict(context=f"Question: {stem}\nAnswer:", choices=texts, gold=gold)
+    return dict(context=f"Question: {_text(stem, 'question')}\nAnswer:", choices=texts, gold=gold)
 
 
 def format_openbookqa(row: dict) -> dict:
@@ -358,7 +382,7 @@ def format_mmlu(row: dict) -> dict:
 
 def format_lambada(row: dict) -> dict:
     """LAMBADA (OpenAI): context = text without its last word (split on " "), continuation " {last word}"."""
-    text = row["text"]
+    text = _text(row["text"], "text")
     if " " not in text:
         raise ValueError("text has no space: cannot split off the last word")
     context, word = text.rsplit(" ", 1)
@@ -376,7 +400,7 @@ def format_nq_open(row: dict) -> dict:
     answers = [answers] if isinstance(answers, str) else list(answers)
     if not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError("'answer' must be a non-empty list of strings")
-    return dict(context=nq_prompt(row["question"]), answers=answers)
+    return dict(context=nq_prompt(_text(row["question"], "question")), answers=answers)
 
 
 FORMATS: dict[str, Callable[[dict], dict]] = dict(
@@ -398,12 +422,15 @@ def find_data_file(task: str, folder: str) -> list[str]:
 
 
 def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None]]:
-    """(where = "file:line", raw row: JSON text or dict, label from a -labels.lst file or None)."""
+    """(where = "file:line", raw row: JSON text or dict, label from a -labels.lst file or None).
+
+    Files are decoded with errors="surrogateescape": a byte that is not UTF-8 does not stop the whole read
+    (with no line to name) but becomes a lone surrogate in its row, which check_item rejects as that row's."""
     if paths[0].endswith(".csv"):   # MMLU official: one headerless CSV per subject, fields may hold newlines
         rows = []
         for path in paths:
             subject = os.path.basename(path)[: -len("_test.csv")]
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 reader = csv.reader(f)
                 line = 1
                 for fields in reader:
@@ -412,11 +439,11 @@ def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None
                     line = reader.line_num + 1
         return rows
     path = paths[0]
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         rows = [(f"{path}:{k}", line, None) for k, line in enumerate(f, 1) if line.strip()]
     labels_path = path[: -len(".jsonl")] + "-labels.lst"
     if os.path.isfile(labels_path):
-        with open(labels_path, encoding="utf-8") as f:
+        with open(labels_path, encoding="utf-8", errors="surrogateescape") as f:
             labels = [x.strip() for x in f if x.strip()]
         if len(labels) != len(rows):
             raise ValueError(f"{labels_path}: {len(labels)} labels for {len(rows)} rows of {path}")
@@ -446,6 +473,7 @@ def load_task(task: str, data_dir: str, limit: int | None = None, skip_bad: bool
             if label is not None:
                 row = {**row, "label": label}
             item = FORMATS[task](row)
+            check_item(item)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             if not skip_bad:
                 raise ValueError(f"{where}: bad {task} row: {_why(e)}") from None
@@ -752,6 +780,7 @@ def run(argv: list[str] | None = None) -> None:
             json.dump(summary, f, indent=1)
         print(f"[wrote {args.out}; {wall:.1f} s]", file=sys.stderr)
     if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes could abort the other
         dist.destroy_process_group()
 
 

@@ -395,6 +395,46 @@ def test_malformed_files_name_file_and_line(tmp_path):
     assert ev.resolve_tasks("NQ,arc_e,piqa") == ["piqa", "arc_easy", "nq_open"]
 
 
+@pytest.mark.parametrize("row,reason", [
+    (dict(goal="g", sol1="a", sol2=None), "every choice and prompt must be a string, got None"),
+    (dict(goal="g", sol1="a", sol2=7), "every choice and prompt must be a string, got 7"),
+    (dict(goal=None, sol1="a", sol2="b"), "goal must be a string, got None"),   # not the prompt "None"
+    (dict(goal="g", sol1="a", sol2=""), "an empty choice or continuation"),
+    (dict(goal="g", sol1="a \ud83d", sol2="b"), "is not valid Unicode"),       # half an emoji: valid JSON
+], ids=["null", "number", "null_prompt", "empty", "surrogate"])
+def test_bad_field_values_name_file_and_line(tmp_path, row, reason):
+    """Rows the tokenizer could not take are bad rows at load time (file:line, or skipped), not a crash later."""
+    root = str(tmp_path)
+    piqa = os.path.join(root, "piqa", "valid.jsonl")
+    write_jsonl(piqa, [dict(goal="g", sol1="a", sol2="b"), row, dict(goal="g", sol1="a", sol2="b")])
+    write_lines(os.path.join(root, "piqa", "valid-labels.lst"), ["0\n", "1\n", "0\n"])
+    with pytest.raises(ValueError, match=re.escape(f"{piqa}:2: bad piqa row: ") + ".*" + re.escape(reason)):
+        ev.load_task("piqa", root)
+    items, bad = ev.load_task("piqa", root, skip_bad=True)
+    assert len(items) == 2 and bad == 1
+
+
+def test_bytes_not_utf8_and_empty_winogrande_rest(tmp_path):
+    root = str(tmp_path)
+    piqa = os.path.join(root, "piqa", "valid.jsonl")
+    os.makedirs(os.path.dirname(piqa))
+    with open(piqa, "wb") as f:  # line 2 holds "café" with é as one Latin-1 byte
+        f.write(b'{"goal": "g", "sol1": "a", "sol2": "b"}\n{"goal": "g", "sol1": "caf\xe9", "sol2": "b"}\n')
+    write_lines(os.path.join(root, "piqa", "valid-labels.lst"), ["0\n", "1\n"])
+    with pytest.raises(ValueError, match=re.escape(f"{piqa}:2: bad piqa row: text 'caf")):
+        ev.load_task("piqa", root)
+    csv = os.path.join(root, "mmlu", "test", "anatomy_test.csv")
+    os.makedirs(os.path.dirname(csv))
+    with open(csv, "wb") as f:
+        f.write(b"q,a,b,c,d,A\nq\xe9,a,b,c,d,B\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}:2: bad mmlu row: ") + ".*not valid Unicode"):
+        ev.load_task("mmlu", root)
+    wg = os.path.join(root, "winogrande", "dev.jsonl")
+    write_jsonl(wg, [dict(sentence="The cup is on the _", option1="a", option2="b", answer="1")])
+    with pytest.raises(ValueError, match=re.escape(f"{wg}:1: bad winogrande row: an empty choice or continuation")):
+        ev.load_task("winogrande", root)
+
+
 # -----------------------------------------------------------------------------
 # router statistics, CLI, real files
 
