@@ -31,7 +31,8 @@ ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
-    """A training file that cannot be used as given; the message names the file and line."""
+    """Training data that cannot be used as given: a bad file (the message names the file and line) or a batch
+    setting the data loader cannot honour."""
 
 
 def train_tokenizer(texts: list[str], path: str, vocab_size: int = 512) -> str:
@@ -273,7 +274,7 @@ class Loader:
     def __init__(self, examples: list[tuple[list[int], list[int]]], global_batch: int, micro_batch: int = 1,
                  seed: int = 0, rank: int = 0, world_size: int = 1, pad_id: int = 0, pad_to_multiple: int = 1):
         if global_batch % (micro_batch * world_size):
-            raise ValueError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} "
+            raise DataError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} "
                              f"x world size {world_size}")
         if len(examples) < global_batch:
             raise DataError(f"{len(examples)} training examples are fewer than one global batch ({global_batch})")
@@ -310,7 +311,7 @@ class Loader:
         now = self.state_dict()
         for k in ("seed", "n_examples", "global_batch"):  # a different data set or batch would not resume
             if sd[k] != now[k]:
-                raise ValueError(f"cannot resume: the data loader's {k} was {sd[k]}, now {now[k]}")
+                raise DataError(f"cannot resume: the data loader's {k} was {sd[k]}, now {now[k]}")
         self.epoch, self.step = sd["epoch"], sd["step"]
         self._order = self._permutation(self.epoch)
 

@@ -150,6 +150,23 @@ def check_config(cfg: TrainConfig) -> None:
     for path in cfg.data + cfg.val_data:
         if not os.path.isfile(path):
             raise ConfigError(f"--data/--val_data: no such file {path}")
+    for name in ("r", "num_experts", "max_len", "global_batch", "micro_batch", "eval_every", "ckpt_every",
+                 "pad_to_multiple"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+
+
+RESUME_KEYS = ("method", "r", "alpha", "num_experts", "router", "targets")   # what shapes the trained weights
+
+
+def check_resume(cfg: TrainConfig, state: dict, ckpt: str) -> None:
+    """The run being resumed must build the adapter the checkpoint holds (else its weights would not load, or
+    would mean something else)."""
+    old = state["config"]
+    diff = [f"--{k} {old.get(k)!r} there, {getattr(cfg, k)!r} here" for k in RESUME_KEYS
+            if old.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ConfigError(f"--resume {ckpt}: the checkpoint was trained with other adapter settings: " + "; ".join(diff))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -486,6 +503,8 @@ def train(cfg: TrainConfig) -> torch.nn.Module:
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False) if ckpt else None
+    if state:
+        check_resume(cfg, state, ckpt)
 
     tok_path = tokenizer_path(cfg.ckpt_dir, cfg.tokenizer)
     tokenizer = Tokenizer(tok_path)
@@ -519,8 +538,6 @@ def train(cfg: TrainConfig) -> torch.nn.Module:
         optimizer, lambda s: lr_lambda(s, warmup, total_steps, cfg.min_lr_ratio))
     step, tokens_seen = 0, 0
     if state:
-        if state["config"]["method"] != cfg.method:
-            raise ConfigError(f"--resume {ckpt}: checkpoint is --method {state['config']['method']}, not {cfg.method}")
         optimizer.load_state_dict(torch.load(os.path.join(ckpt, f"optim_{rank}.pt"), weights_only=False)
                                   if cfg.fsdp else state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
