@@ -780,7 +780,6 @@ def run(argv: list[str] | None = None) -> None:
             json.dump(summary, f, indent=1)
         print(f"[wrote {args.out}; {wall:.1f} s]", file=sys.stderr)
     if dist.is_initialized():
-        dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes could abort the other
         dist.destroy_process_group()
 
 
