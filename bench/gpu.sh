@@ -13,8 +13,8 @@
 #                    to bound compile time; identical blocks share one compilation)
 #   step-graphs      the same with --compile_mode reduce-overhead: each compiled block replayed as a CUDA graph
 #   decode-compiled  bench/infer.py --compile reduce-overhead: the decoding step compiled and graph-replayed
-# The first seven take about 5 minutes on one H100 (8 at worst); all nine about 8 (11 at worst), so on a
-# machine lent for 10-minute commands run them in two calls.
+# The first seven took about 5 minutes on one H100 (8 at worst); the last two are new and capped at 2 minutes
+# each (12 minutes in all at worst), so on a machine lent for 10-minute commands run them in two calls.
 #
 #     bash bench/gpu.sh                            # every part; output on stdout, and in $OUT/gpu.log when OUT is set
 #     bash bench/gpu.sh step-graphs decode-compiled   # only these

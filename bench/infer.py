@@ -205,7 +205,7 @@ def graph_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph's docs require
-        for _ in range(3):
+        for _ in range(min(3, n_new)):  # each step writes one KV-cache position: stay within prompt + n_new
             one_step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -235,7 +235,8 @@ def compiled_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int, mo
     def run():
         tok, pos = first, torch.tensor(prompt_len, device=first.device)
         for _ in range(n_new):
-            tok = step(tok, pos)
+            # clone: with CUDA graphs a call's output lives in the graph's memory, which the next call reuses
+            tok = step(tok, pos).clone()
             pos = pos + 1  # a fresh tensor: the step's input is never written while a graph may still read it
         return tok
     return run

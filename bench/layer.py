@@ -80,14 +80,24 @@ def build(method, hyper: dict, base: nn.Linear, dropout: float, gen: torch.Gener
 
 
 def check_naive(layer: mor.MoRLinear, x: torch.Tensor) -> float:
-    """Max |naive - mor.MoRLinear| / max |output| on 64 tokens, in fp32 (a copy of the layer), dropout off:
-    the two timed rows must compute the same thing."""
-    ref = copy.deepcopy(layer).float().eval()
-    with torch.no_grad():
-        xs = x[:64].detach().float()
-        out = ref(xs)
-        diff = (naive_mor_forward(ref, xs) - out).abs().max().item()
-    return diff / max(out.abs().max().item(), 1e-30)
+    """The two timed rows must compute the same thing, on the path that is timed: a copy of the layer in fp32,
+    in training mode with its dropout (one mask for both: the same seed, and dropout is the first random draw
+    of each), forward and backward on 64 tokens. Returns the largest relative difference over the output and
+    the gradients of x and of every adapter parameter."""
+    ref = copy.deepcopy(layer).float().train()
+    xs = x[:64].detach().float().requires_grad_()
+    g = torch.randn(xs.shape[0], ref.out_features, generator=torch.Generator().manual_seed(0)).to(xs.device)
+    tensors = [xs] + [p for _, p in ref.adapter_parameters()]
+    results, tf32 = [], torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # true fp32 GEMMs: TF32's 10-bit mantissa would swamp 1e-4
+    try:
+        for fwd in (ref, lambda t: naive_mor_forward(ref, t)):
+            torch.manual_seed(1234)
+            out = fwd(xs)
+            results.append([out.detach(), *torch.autograd.grad(out, tensors, g)])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(*results))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,12 +177,13 @@ def main(argv: list[str] | None = None) -> None:
                     if err > tol:
                         raise SystemExit(f"naive loop and mor.MoRLinear differ by {err:.2e} (relative) at "
                                          f"{d_in}->{d_out}: the benchmark would compare different computations")
-                    print(f"# check {d_in}->{d_out}: naive eq. 12 loop vs mor.MoRLinear, max relative diff {err:.1e}")
-            for label, fn in fns.items():  # memory and op counts: one untimed pass each
+                    print(f"# check {d_in}->{d_out}: naive eq. 12 loop vs mor.MoRLinear (training path, "
+                          f"output and gradients), max relative diff {err:.1e}")
+            times[(d_in, d_out)] = interleaved(fns, device, warmup, repeats, paired_ref="frozen base")
+            for label, fn in fns.items():  # memory and op counts after warm-up: one more pass each
                 resident = tensor_bytes(list(layers[label].parameters()) + [x])
                 peaks[label] = peaks.get(label, 0) + resident + peak_bytes(fn, device)
                 ops[label] = ops.get(label, 0) + count_ops(fn)
-            times[(d_in, d_out)] = interleaved(fns, device, warmup, repeats, paired_ref="frozen base")
             del base, x, g, fns, layers
             if cuda:
                 torch.cuda.empty_cache()

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     for label in labels:  # after warm-up, so the optimizer state exists and counts as resident
         model, trainable, opt = states[label]
         own = tensor_bytes(trainable + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)])
-        peaks[label] = base_bytes + own + peak_bytes(steps[label], device)
+        # CUDA graphs replay into their own memory pool, outside the allocator's counters: no peak to report
+        peaks[label] = float("nan") if graphs else base_bytes + own + peak_bytes(steps[label], device)
     ref = "LoRA R8"
     for label in labels:
         t = median(times[label])
@@ -163,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
             r = ratio(times, "MoR E8R8", "MoELoRA E8R8")
             print(f"target MoR E8R8 step <= 0.80 x MoELoRA E8R8: {r:.3f} -> {'met' if r <= 0.80 else 'MISSED'}")
         r = peaks["MoR E8R8"] / peaks[ref]
-        print(f"target MoR E8R8 peak memory <= 1.05 x LoRA R8: {r:.3f} -> {'met' if r <= 1.05 else 'MISSED'}")
+        if graphs:
+            print("target MoR E8R8 peak memory <= 1.05 x LoRA R8: not measured under CUDA graphs (their memory pool "
+                  "is not in the allocator's counters); run without --compile_mode for it")
+        else:
+            print(f"target MoR E8R8 peak memory <= 1.05 x LoRA R8: {r:.3f} -> {'met' if r <= 1.05 else 'MISSED'}")
 
 
 if __name__ == "__main__":

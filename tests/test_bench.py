@@ -34,8 +34,8 @@ def table_rows(out: str, labels: list[str]) -> dict[str, list[str]]:
 def test_layer_runs_and_naive_loop_agrees():
     out = run_bench("layer.py", "--device", "cpu", "--shapes", "64x192,192x64", "--seq_len", "16",
                     "--warmup", "0", "--repeats", "1")
-    diffs = [float(d) for d in re.findall(r"# check \d+->\d+: naive eq. 12 loop vs mor.MoRLinear, max relative "
-                                          r"diff (\S+)", out)]
+    diffs = [float(d) for d in re.findall(r"# check \d+->\d+: naive eq. 12 loop vs mor.MoRLinear \(training path, "
+                                          r"output and gradients\), max relative diff (\S+)", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-4
     labels = ["frozen base", "LoRA R8", "DoRA R8", "MoSLoRA R8", "MoELoRA E2R8", "MoELoRA E8R8", "MoR E1R8",
               "MoR E2R8", "MoR E4R8", "MoR E8R8", "MoR E8R8 naive"]
