@@ -112,6 +112,11 @@ class AdapterLinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype; when it already is, x itself without a call into torch (a dispatch per layer adds up)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float, shape: tuple) -> torch.Tensor:
     """out += scale · z upᵀ, in place, as one GEMM with beta = 1 (addmm_); returns it viewed as `shape`.
 
@@ -147,7 +152,7 @@ def route(layer: nn.Module, logits: torch.Tensor | None, x: torch.Tensor) -> tor
     """
     N = layer.num_experts
     tokens = x.numel() // x.shape[-1]
-    dt = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 safety; an fp64 model stays fp64
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 for bf16 safety; fp64 stays fp64
     if layer.router_kind == "mean":
         G = torch.full((tokens, N), 1.0 / N, device=x.device, dtype=dt)
     else:
@@ -276,7 +281,7 @@ class LoRALinear(AdapterLinear):
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
         out = self.base(x2)
         dt = out.dtype  # the compute dtype (see the module doc)
-        a = F.linear(self.dropout(x2.to(dt)), self.lora_A.to(dt))
+        a = F.linear(self.dropout(cast(x2, dt)), self.lora_A.to(dt))
         return add_update(out, a, self.up().to(dt), self.scale, (*x.shape[:-1], self.out_features))
 
 
@@ -314,10 +319,10 @@ class DoRALinear(LoRALinear):
         dt = out.dtype
         g = self.magnitude / self.weight_norm()  # (d_out,)
         if self.dropout_active():
-            h = self.dropout(x2.to(dt))
+            h = self.dropout(cast(x2, dt))
             wx = F.linear(h, self.base.weight.to(dt))
         else:
-            h = x2.to(dt)
+            h = cast(x2, dt)
             wx = out if self.base.bias is None else out - self.base.bias.to(dt)
         a = F.linear(h, self.lora_A.to(dt))
         # g - 1 before rounding to dt: g is ~1, where bf16's step (2^-8) would swallow a small change of m
@@ -392,7 +397,7 @@ class MoELoRALinear(AdapterLinear):
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
         dt = out.dtype
-        xa = x2.to(dt)
+        xa = cast(x2, dt)
         a = F.linear(self.dropout(xa), self.lora_A.reshape(N * r, -1).to(dt))  # (tokens, N·r)
         logits = F.linear(xa, self.router.weight.to(dt)) if self.router is not None else None
         G = route(self, logits, xa).to(dt)  # (tokens, N)
@@ -503,7 +508,7 @@ class MoRLinear(AdapterLinear):
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
         out = self.base(x2)  # eq. 13: W x (+ bias), frozen
         dt = out.dtype  # the compute dtype (see the module doc)
-        xa = x2.to(dt)
+        xa = cast(x2, dt)
         if self.dropout_active():
             # A · drop(x), keeping x (which the router keeps anyway) rather than drop(x) for the backward
             a = DroppedLinear.apply(xa, self.lora_A.to(dt), self.dropout.p)
