@@ -275,7 +275,7 @@ class Loader:
                  seed: int = 0, rank: int = 0, world_size: int = 1, pad_id: int = 0, pad_to_multiple: int = 1):
         if global_batch % (micro_batch * world_size):
             raise DataError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} "
-                             f"x world size {world_size}")
+                            f"x world size {world_size}")
         if len(examples) < global_batch:
             raise DataError(f"{len(examples)} training examples are fewer than one global batch ({global_batch})")
         self.examples, self.global_batch, self.micro_batch = examples, global_batch, micro_batch

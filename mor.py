@@ -320,10 +320,10 @@ class DoRALinear(LoRALinear):
         g = self.magnitude / self.weight_norm()  # (d_out,)
         if self.dropout_active():
             h = self.dropout(cast(x2, dt))
-            wx = F.linear(h, self.base.weight.to(dt))
+            wx = F.linear(h, self.base.weight)
         else:
             h = cast(x2, dt)
-            wx = out if self.base.bias is None else out - self.base.bias.to(dt)
+            wx = out if self.base.bias is None else out - cast(self.base.bias, dt)
         a = F.linear(h, self.lora_A.to(dt))
         # g - 1 before rounding to dt: g is ~1, where bf16's step (2^-8) would swallow a small change of m
         # g ⊙ s·B A h = s · (diag(g) B) A h: fold g into B (d_out×r) rather than scaling tokens×d_out

@@ -166,7 +166,8 @@ def check_resume(cfg: TrainConfig, state: dict, ckpt: str) -> None:
     diff = [f"--{k} {old.get(k)!r} there, {getattr(cfg, k)!r} here" for k in RESUME_KEYS
             if old.get(k) != getattr(cfg, k)]
     if diff:
-        raise ConfigError(f"--resume {ckpt}: the checkpoint was trained with other adapter settings: " + "; ".join(diff))
+        raise ConfigError(f"--resume {ckpt}: the checkpoint was trained with other adapter settings: "
+                          + "; ".join(diff))
 
 
 # ----------------------------------------------------------------------------- distributed
