@@ -10,10 +10,11 @@ Every row is timed in the same process, round-robin, each call right after a cal
 both shapes; "(min / min)" the fastest row call over the fastest base call (contention only adds time). Adapter dropout is on
 (--dropout, the paper's 0.05) as in training. "MoR E8R8 naive" is eq. 12 as a loop over the 8 experts
 (A, B shared; each expert scales, projects to d_out and is weighted by G_i): the reference that the
-tied rank-N*r form of mor.py replaces. Its output is checked against mor.MoRLinear before timing.
+tied rank-N*r form of mor.py replaces. Before timing, its output and gradients are checked against
+mor.MoRLinear's on the timed (training, dropout) path.
 Peak memory: tensors allocated during forward+backward, plus the resident frozen weight, adapter
 parameters and input (CUDA: max_memory_allocated; CPU: profiler allocation events).
-ops: outermost aten ops per forward+backward (each one at least one kernel launch on a GPU).
+ops: outermost aten ops per forward+backward (each a dispatch on the CPU; most launch a GPU kernel, views do not).
 """
 from __future__ import annotations
 
