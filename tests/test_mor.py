@@ -55,6 +55,13 @@ def grads(out, tensors, seed=5):
     return torch.autograd.grad((out * w).sum(), tensors)
 
 
+def assert_same_and_same_grads(out, ref, tensors, tol=1e-5):
+    """out equals ref, and so do the gradients of a random projection of each w.r.t. tensors."""
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for g, g_ref in zip(grads(out, tensors), grads(ref, tensors)):
+        torch.testing.assert_close(g, g_ref, atol=tol, rtol=tol)
+
+
 def adapter_tensors(layer):
     return [p for _, p in layer.adapter_parameters()]
 
@@ -72,10 +79,7 @@ def test_mor_matches_naive_loop(N, router):
         layer.train(mode)
         out, ref = layer(x), naive_mor(layer, x)
         assert out.shape == (2, 5, 10)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        params = adapter_tensors(layer) + [x]
-        for g, g_ref in zip(grads(out, params), grads(ref, params)):
-            torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+        assert_same_and_same_grads(out, ref, adapter_tensors(layer) + [x])
 
 
 def test_mor_dropout_only_on_adapter_input_not_router():
@@ -85,10 +89,7 @@ def test_mor_dropout_only_on_adapter_input_not_router():
     torch.manual_seed(123)
     out = layer(x)  # training mode: the separate dropout path
     ref = naive_mor(layer, x, dropout_mask_seed=123, p=0.3)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    params = adapter_tensors(layer) + [x]
-    for g, g_ref in zip(grads(out, params), grads(ref, params)):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    assert_same_and_same_grads(out, ref, adapter_tensors(layer) + [x])
 
 
 def test_mor_direction_is_eq10():
@@ -289,11 +290,8 @@ def test_mor_compiles_fullgraph():
     out = compiled(x)
     aux = layer.aux_loss
     ref = layer(x)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(aux, layer.aux_loss, atol=1e-6, rtol=1e-6)
-    params = adapter_tensors(layer)
-    for g, g_ref in zip(grads(out, params), grads(ref, params)):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    assert_same_and_same_grads(out, ref, adapter_tensors(layer))
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -305,10 +303,7 @@ def test_moelora_matches_naive_loop():
     G = torch.softmax(x @ layer.router.weight.T, -1)
     ref = layer.base(x) + sum(G[..., i:i + 1] * (2.0 * x @ (layer.lora_B[i] @ layer.lora_A[i]).T) for i in range(3))
     out = layer(x)  # eq. 2
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    params = adapter_tensors(layer) + [x]
-    for g, g_ref in zip(grads(out, params), grads(ref, params)):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    assert_same_and_same_grads(out, ref, adapter_tensors(layer) + [x])
 
 
 def test_lora_and_moslora_match_formula():
@@ -340,10 +335,7 @@ def test_dora_init_equals_base_and_formula():
     V = W + s * layer.lora_B @ layer.lora_A
     ref = (layer.magnitude / V.norm(dim=1).detach()) * (x @ W.T + s * x @ (layer.lora_B @ layer.lora_A).T) + base.bias
     out = layer(x)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    params = adapter_tensors(layer) + [x]
-    for g, g_ref in zip(grads(out, params), grads(ref, params)):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    assert_same_and_same_grads(out, ref, adapter_tensors(layer) + [x])
 
 
 def test_dora_bf16_keeps_a_small_magnitude_change():
