@@ -35,6 +35,21 @@ PRESETS = {
 }
 
 
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--preset and --n_layers: which random-weight LLaMA a whole-model script builds (see model_config)."""
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: 7b on CUDA, 7b-2l on CPU")
+    ap.add_argument("--n_layers", type=int, default=None, help="override the preset's layer count (printed)")
+
+
+def model_config(args: argparse.Namespace, cuda: bool) -> tuple[str, dict]:
+    """(preset name, its config with --n_layers applied): 7b on CUDA, 7b-2l on CPU unless --preset says."""
+    preset = args.preset or ("7b" if cuda else "7b-2l")
+    cfg = dict(PRESETS[preset])
+    if args.n_layers:
+        cfg["n_layers"] = args.n_layers
+    return preset, cfg
+
+
 def random_base(params, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """A frozen llama.Transformer(params) with random weights: built on meta, materialised directly in
     `dtype` (no fp32 copy of a 7B model), matrices N(0, 0.02), norms 1. Training mode."""

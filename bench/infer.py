@@ -27,7 +27,8 @@ import statistics
 import torch
 
 import common  # noqa: F401  (puts the repo root on sys.path)
-from common import PRESETS, add_device_args, machine, print_table, random_base, setup_device, sync, time_once
+from common import add_device_args, add_model_args, machine, model_config, print_table, random_base, setup_device, \
+    sync, time_once
 import mor
 from llama import ModelArgs
 
@@ -72,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
     add_device_args(ap)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: 7b on CUDA, 7b-2l on CPU")
-    ap.add_argument("--n_layers", type=int, default=None, help="override the preset's layer count")
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--prompt_len", type=int, default=None, help="default: 128 CUDA, 32 CPU")
     ap.add_argument("--new_tokens", type=int, default=None, help="tokens per timed round (default: 32 CUDA, 8 CPU)")
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     if args.cuda_graph and not cuda:
         raise SystemExit("--cuda_graph needs --device cuda")
-    preset = args.preset or ("7b" if cuda else "7b-2l")
-    cfg = dict(PRESETS[preset])
-    if args.n_layers:
-        cfg["n_layers"] = args.n_layers
+    preset, cfg = model_config(args, cuda)
     prompt_len = args.prompt_len or (128 if cuda else 32)
     n_new = args.new_tokens or (32 if cuda else 8)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)

@@ -29,8 +29,8 @@ import copy
 import torch
 
 import common  # noqa: F401  (puts the repo root on sys.path)
-from common import PRESETS, add_device_args, interleaved, machine, median, min_ratio, peak_bytes, print_table, \
-    random_base, ratio, setup_device, tensor_bytes
+from common import add_device_args, add_model_args, interleaved, machine, median, min_ratio, model_config, \
+    peak_bytes, print_table, random_base, ratio, setup_device, tensor_bytes
 import mor
 from llama import ModelArgs, Transformer
 
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
     add_device_args(ap)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: 7b on CUDA, 7b-2l on CPU")
-    ap.add_argument("--n_layers", type=int, default=None, help="override the preset's layer count (printed)")
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=1, help="sequences per step (default 1: the paper's global batch "
                                                          "8 over 8 GPUs)")
     ap.add_argument("--seq_len", type=int, default=None, help="default: 1024 on CUDA (paper), 128 on CPU")
@@ -81,10 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     # CUDA graphs (on CUDA only) reuse their output memory each replay: a training loop marks each step's start
     graphs = cuda and args.compile_mode in ("reduce-overhead", "max-autotune")
     import train  # the real training step (forward_backward) and its peak-FLOPs table
-    preset = args.preset or ("7b" if cuda else "7b-2l")
-    cfg = dict(PRESETS[preset])
-    if args.n_layers:
-        cfg["n_layers"] = args.n_layers
+    preset, cfg = model_config(args, cuda)
     seq_len = args.seq_len or (1024 if cuda else 128)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     repeats = args.repeats if args.repeats is not None else (10 if cuda else 4)
