@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import llama
 import mor
 
@@ -273,12 +274,9 @@ def check_item(item: dict) -> None:
     scored = list(item.get("choices", [])) + ([item["continuation"]] if "continuation" in item else [])
     texts = scored + list(item.get("contexts", [])) + ([item["context"]] if "context" in item else [])
     for t in texts + list(item.get("answers", [])):
-        _text(t, "every choice and prompt")
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError:
+        if not data.is_unicode(_text(t, "every choice and prompt")):
             raise ValueError(f"text {t[:30]!r} is not valid Unicode (bytes that are not UTF-8, or a lone "
-                             "surrogate escape)") from None
+                             "surrogate escape)")
     if any(not t.strip() for t in scored):
         raise ValueError("an empty choice or continuation (nothing to score)")
 
