@@ -644,10 +644,11 @@ def print_stream(tokenizer: Tokenizer, new: Iterator[int], before: list[int] = (
 
 
 def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str], system: str | None = None,
-         max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9, out=None) -> None:
+         max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9, out=None) -> list[int]:
     """One user turn per line of `lines` (blank lines skipped), each answered in the Tulu template train.py
     trains with (data.chat_prompt); the conversation stays in the KV cache and only new tokens are fed.
-    Tokens follow data.encode_segments: [BOS] template-and-question, the reply, EOS (a token, not text)."""
+    Tokens follow data.encode_segments: [BOS] template-and-question, the reply, EOS (a token, not text).
+    Returns the tokens of the (last) conversation."""
     import data
     out = out or sys.stdout
     max_len = model.params.max_seq_len
@@ -671,6 +672,17 @@ def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str], system:
         cached = len(history) + max(len(reply) - 1, 0)   # the last reply token was sampled, maybe not fed
         history += reply + [tokenizer.eos_id]             # each reply ends with EOS, as in training
     model.clear_cache()
+    return history
+
+
+def stdin_turns() -> Iterator[str]:
+    """Lines of stdin until EOF; at a terminal each is asked for with "> " on stderr (stdout holds replies only)."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        if not (line := sys.stdin.readline()):
+            return
+        yield line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -706,12 +718,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     print(f"[loaded in {time.time() - t0:.1f} s]", file=sys.stderr)
     if args.chat:
-        lines = [args.prompt] if args.prompt is not None else sys.stdin
+        lines = [args.prompt] if args.prompt is not None else stdin_turns()
         chat(model, tokenizer, lines, args.system, args.max_new_tokens, args.temperature, args.top_p)
         return
     prompt = tokenizer.encode(args.prompt)[-args.max_seq_len:]
     model.setup_cache(1, args.max_seq_len)
     sys.stdout.write(tokenizer.decode(prompt))
+    sys.stdout.flush()
     print_stream(tokenizer, stream(model, prompt, 0, args.max_new_tokens, args.temperature, args.top_p,
                                    tokenizer.eos_id), before=prompt)
 
