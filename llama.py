@@ -69,7 +69,7 @@ def load_params(path: str, **overrides) -> ModelArgs:
         try:
             raw = json.load(f)
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+            raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not isinstance(raw, dict):
@@ -95,12 +95,23 @@ def _param_type_error(kind: str, v) -> str | None:
     if v is None and "None" in kind:
         return None
     if kind.startswith("int"):
-        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer (write 8, not 8.0 or \"8\")"
+        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
     elif kind.startswith("float"):
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number (write 1e-05, not a string)"
+        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
     else:
         ok, want = isinstance(v, bool), "true or false"
-    return None if ok else f"expected {want}" + (" or null" if "None" in kind else "")
+    if ok:
+        return None
+    want += " or null" if "None" in kind else ""
+    try:   # the fix, when the value is a number written the wrong way: 8.0 or "8" for 8, "1e-5" for 1e-05
+        x = float(v) if not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        x = None
+    if x is not None and kind.startswith("int") and x.is_integer():
+        return f"expected {want}: write {int(x)}"
+    if x is not None and kind.startswith("float"):
+        return f"expected {want}: write {json.dumps(x)}"
+    return f"expected {want}"
 
 
 def check_params(args: ModelArgs, path: str) -> None:

@@ -67,14 +67,16 @@ def setup(tmp_path_factory, tiny_ckpt):
 
 
 PARAMS_CASES = [   # (params.json text, what the one line must say)
-    ('{"dim": "32", "n_layers": 2, "n_heads": 4}', r"'dim' is \"32\", expected an integer"),
-    ('{"dim": 32, "n_layers": 2, "n_heads": 4.0}', r"'n_heads' is 4.0, expected an integer \(write 8, not 8.0"),
-    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "norm_eps": "1e-5"}', r"'norm_eps' is \"1e-5\", expected a number"),
-    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "use_scaled_rope": 1}', r"'use_scaled_rope' is 1, expected true"),
+    ('{"dim": "32", "n_layers": 2, "n_heads": 4}', r"'dim' is \"32\", expected an integer: write 32$"),
+    ('{"dim": 32, "n_layers": 2, "n_heads": 4.0}', r"'n_heads' is 4.0, expected an integer: write 4$"),
+    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "norm_eps": "1e-5"}', r"'norm_eps' is \"1e-5\", expected a number: write 1e-05$"),
+    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "use_scaled_rope": 1}', r"'use_scaled_rope' is 1, expected true or false$"),
     ('[32, 2, 4]', r"expected a JSON object .*got a JSON list"),
     ('{"n_layers": 2, "n_heads": 4, "vocab_size": 384}', r"missing key 'dim'"),
     ('{"dim": 32, "n_layers": 2, "n_heads": 5}', r"'dim' 32 is not a multiple of 'n_heads' 5"),
     ('{"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 3}', r"'n_kv_heads' 3 does not divide 'n_heads' 4"),
+    ('{"dim": 32, "n_layers": 2, "n_heads": 4.5}', r"'n_heads' is 4.5, expected an integer$"),
+    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": "two"}', r"expected an integer or null$"),
     ('{"dim": 32, "n_layers": 0, "n_heads": 4}', r"'n_layers' is 0, expected a positive integer"),
 ]
 
