@@ -722,9 +722,9 @@ def check_out_path(path: str) -> None:
     before the model is loaded, so a typo costs seconds, not a whole evaluation."""
     if os.path.isdir(path):
         raise ValueError(f"{path}: --out is a folder; give a file name, e.g. {os.path.join(path, 'results.json')}")
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(path) or "."
     while not os.path.exists(parent):   # the nearest part of the path that exists must be a writable folder
-        parent = os.path.dirname(parent)
+        parent = os.path.dirname(parent) or "."
     if not os.path.isdir(parent):
         raise ValueError(f"{path}: cannot write --out there: {parent} is a file, not a folder; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
