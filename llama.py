@@ -717,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.prompt is None and not args.chat:
         ap.error("give --prompt TEXT, or --chat (prompts from stdin)")
+    if args.max_new_tokens < 1:
+        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     t0 = time.time()
