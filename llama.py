@@ -542,7 +542,8 @@ def adapter_file(path: str) -> str:
     hint = "train.py writes it when a run ends"
     if os.path.isfile(latest := os.path.join(path, "latest")):
         with open(latest, encoding="utf-8-sig") as f:
-            hint = f"the run has not finished; its latest checkpoint's is {os.path.join(path, f.read().strip(), 'adapter.pth')}"
+            ckpt = os.path.join(path, f.read().strip(), "adapter.pth")
+        hint = f"the run has not finished; its latest checkpoint's is {ckpt}"
     raise FileNotFoundError(f"{path}: no adapter.pth in this folder ({hint})")
 
 
@@ -585,7 +586,8 @@ def check_adapter(model: Transformer, path: str) -> None:
     full = config["method"] == "full"
     here = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not full:   # the linears the adapter's targets name (mor.add_adapters' rule: a name or dotted suffix)
-        here = {n: io for n, io in here.items() if any(n == t or n.endswith("." + t) for t in config.get("targets", ()))}
+        targets = config.get("targets", ())
+        here = {n: io for n, io in here.items() if any(n == t or n.endswith("." + t) for t in targets)}
     trained = _linear_shapes(sd, full)
     if differ := [n for n in sorted(set(here) | set(trained)) if here.get(n) != trained.get(n)]:
         a = _describe(trained)

