@@ -157,10 +157,11 @@ def check_example(obj) -> str | None:
     return "expected a 'messages' list (Tulu format) or 'prompt' and 'completion' fields"
 
 
-def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
-    """One JSONL line (bytes) -> (example, None), or (None, why it is not one). Blank lines give (None, None)."""
+def parse_line(raw: bytes, first: bool = False) -> tuple[dict | None, str | None]:
+    """One JSONL line (bytes) -> (example, None), or (None, why it is not one). Blank lines give (None, None).
+    The first line of a file may start with a UTF-8 BOM (utf-8-sig drops it); a CRLF line end is whitespace."""
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as e:
         return None, f"not valid UTF-8 (byte {e.start} of the line)"
     if not line.strip():
@@ -184,7 +185,7 @@ def read_jsonl(paths: list[str] | str, skip_bad: bool = False) -> tuple[list[dic
     for path in paths:
         with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is then a bad line like any other
             for lineno, raw in enumerate(f, 1):
-                obj, reason = parse_line(raw)
+                obj, reason = parse_line(raw, first=lineno == 1)
                 if obj is not None:
                     examples.append(obj)
                 elif reason is None:  # blank

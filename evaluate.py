@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 import data
 import llama
-import mor
 
 # paper column order (Table 1)
 TASKS = ("siqa", "piqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag", "openbookqa", "lambada",
@@ -423,25 +422,27 @@ def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None
     """(where = "file:line", raw row: JSON text or dict, label from a -labels.lst file or None).
 
     Files are decoded with errors="surrogateescape": a byte that is not UTF-8 does not stop the whole read
-    (with no line to name) but becomes a lone surrogate in its row, which check_item rejects as that row's."""
+    (with no line to name) but becomes a lone surrogate in its row, which check_item rejects as that row's.
+    A UTF-8 BOM (utf-8-sig) and CRLF line ends (Windows, Excel) read as the plain UTF-8, LF file would."""
     if paths[0].endswith(".csv"):   # MMLU official: one headerless CSV per subject, fields may hold newlines
         rows = []
         for path in paths:
             subject = os.path.basename(path)[: -len("_test.csv")]
-            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 reader = csv.reader(f)
                 line = 1
                 for fields in reader:
-                    if any(x.strip() for x in fields):
+                    if any(x.strip() for x in fields):   # a CRLF file's line breaks inside quotes -> "\n"
+                        fields = [x.replace("\r\n", "\n") for x in fields]
                         rows.append((f"{path}:{line}", dict(subject=subject, fields=fields), None))
                     line = reader.line_num + 1
         return rows
     path = paths[0]
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:   # text mode: CRLF -> "\n"
         rows = [(f"{path}:{k}", line, None) for k, line in enumerate(f, 1) if line.strip()]
     labels_path = path[: -len(".jsonl")] + "-labels.lst"
     if os.path.isfile(labels_path):
-        with open(labels_path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(labels_path, encoding="utf-8-sig", errors="surrogateescape") as f:
             labels = [x.strip() for x in f if x.strip()]
         if len(labels) != len(rows):
             raise ValueError(f"{labels_path}: {len(labels)} labels for {len(rows)} rows of {path}")
@@ -716,6 +717,20 @@ def bench_prefix(model, tokenizer, tasks, data_dir: str, limit: int | None, batc
     return dict(rows, max_abs_ll_diff=diff)
 
 
+def check_out_path(path: str) -> None:
+    """--out can be written: not a folder, no file where a folder must be, permission to create it. Checked
+    before the model is loaded, so a typo costs seconds, not a whole evaluation."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: --out is a folder; give a file name, e.g. {os.path.join(path, 'results.json')}")
+    parent = os.path.dirname(path) or "."
+    while not os.path.exists(parent):   # the nearest part of the path that exists must be a writable folder
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: cannot write --out there: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write --out there: no permission to write in {parent}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:   # bad input (files, rows, labels, checkpoints): one line naming the file and the problem
         run(argv)
@@ -726,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Zero-shot evaluation on the paper's benchmarks (lm-eval-harness style).")
     ap.add_argument("--ckpt_dir", required=True, help="base model in Meta's layout (params.json, consolidated.NN.pth)")
-    ap.add_argument("--adapter", help="adapter checkpoint written by train.py (mor.save_adapter)")
+    ap.add_argument("--adapter", help="train.py's adapter.pth, or its run folder (out_dir)")
     ap.add_argument("--tokenizer", help="default: tokenizer.model in ckpt_dir, else in its parent")
     ap.add_argument("--data_dir", required=True, help="one folder per task (see README)")
     ap.add_argument("--tasks", default="all", help="all, or a comma list: " + ",".join(TASKS))
@@ -739,6 +754,7 @@ def run(argv: list[str] | None = None) -> None:
     ap.add_argument("--router_layer", type=int, default=-1, help="transformer block for --router_stats")
     ap.add_argument("--bench_prefix", action="store_true", help="time shared-prefix vs plain scoring and exit")
     args = ap.parse_args(argv)
+    check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
@@ -750,8 +766,8 @@ def run(argv: list[str] | None = None) -> None:
     t0 = time.time()
     model = llama.Transformer.from_checkpoint(args.ckpt_dir, device, dtype, max_seq_len=args.max_seq_len,
                                               max_batch_size=args.batch_size)
-    if args.adapter:
-        mor.load_adapter(model, args.adapter)
+    if args.adapter:   # a file or train.py's run folder, checked against this base
+        llama.apply_adapter(model, args.adapter)
     model.eval()
     tokenizer = llama.load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
     if args.bench_prefix:
@@ -774,8 +790,9 @@ def run(argv: list[str] | None = None) -> None:
                        router_layer=args.router_layer if args.router_stats else None,
                        reported={t: r[REPORTED[t]] for t, r in results.items() if REPORTED[t] in r}, tasks=results)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        with open(args.out + ".tmp", "w") as f:   # then renamed: an older results file is never half-overwritten
             json.dump(summary, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
         print(f"[wrote {args.out}; {wall:.1f} s]", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()

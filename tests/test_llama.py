@@ -232,7 +232,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     d = variant("bad_json")
     with open(os.path.join(d, "params.json"), "w") as f:
         f.write('{"dim": 32,\n "n_layers": }')
-    with pytest.raises(CheckpointError, match=r"params.json, line 2"):
+    with pytest.raises(CheckpointError, match=r"params.json:2: not valid JSON"):
         Transformer.from_checkpoint(d)
     d = variant("gap", n_shards=3)
     os.remove(os.path.join(d, "consolidated.01.pth"))
