@@ -166,9 +166,9 @@ def free_port() -> int:
 
 RANK_DUMP = """
 import os, sys, torch
-import train
+import mor, train
 model = train.train(train.parse_args(sys.argv[1:]))
-sd = train.adapter_payload(model)["state_dict"]   # gathered from the shards under FSDP
+sd = mor.save_adapter(model, None)["state_dict"]   # gathered from the shards under FSDP
 torch.save(sd, os.path.join(model_out, f"rank{os.environ['RANK']}.pt"))
 """
 
@@ -274,9 +274,10 @@ def test_bad_input_errors(tiny_ckpt, sft, tmp_path, capsys):
     train.main(cli(config(tiny_ckpt, sft, tmp_path / "g", method="lora", max_steps=1, global_batch=4,
                           micro_batch=4)))
     capsys.readouterr()
-    err = main(config(tiny_ckpt, sft, tmp_path / "g", method="mor", r=4, max_steps=2, resume=str(tmp_path / "g")))
-    assert "the checkpoint was trained with other adapter settings: --method 'lora' there, 'mor' here; " \
-           "--r 8 there, 4 here" in err
+    err = main(config(tiny_ckpt, sft, tmp_path / "g", method="mor", r=4, max_steps=2, global_batch=4, micro_batch=4,
+                      resume=str(tmp_path / "g")))
+    assert f"error: --resume {tmp_path / 'g'}: --method mor (the run has lora), --r 4 (the run has 8): cannot " \
+        "change on resume" in err
 
 
 def test_cli_overrides_every_field():
@@ -299,7 +300,8 @@ def test_lr_schedule_by_hand():
 
 def test_demo_smoke(tmp_path):
     """The demo's whole path (tokenizer, Meta layout on disk, full pretraining, MoR, evaluation), tiny sizes."""
-    result = train.demo(str(tmp_path), n_per_skill=8, n_eval=4, pretrain_steps=2, steps=2, progress=False)
+    from demo.demo import demo
+    result = demo(str(tmp_path), n_per_skill=8, n_eval=4, pretrain_steps=2, steps=2, progress=False)
     assert set(result["before"]) == set(result["after"]) == set(data.SKILLS) | {"all"}
     assert os.path.isfile(tmp_path / "mor" / "adapter.pth")
     for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):
