@@ -219,17 +219,22 @@ def test_sigkill_and_resume_is_bit_identical(tiny_ckpt, sft, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]   # the log is rewritten from the checkpoint on
 
 
+def signal_after_two_steps(p: subprocess.Popen, log, send) -> tuple[str, str]:
+    """Once the run's log.jsonl has two steps, call send() (a signal to the run); then its (stdout, stderr)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    send()
+    return p.communicate(timeout=120)
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tiny_ckpt, sft, tmp_path):
     out = tmp_path / "term"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] +
                          cli(config(tiny_ckpt, sft, out, max_steps=100000, global_batch=4, micro_batch=4)),
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     log = out / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=120)
+    stdout, stderr = signal_after_two_steps(p, log, lambda: p.send_signal(signal.SIGTERM))
     assert p.returncode == 0, stderr[-3000:]
     assert "stopped by signal" in stdout
     last = json.loads(log.read_text().splitlines()[-1])["step"]
