@@ -345,8 +345,8 @@ def wrap_blocks(model: Transformer, compile: bool, grad_ckpt: bool, mode: str | 
     from functools import partial
     from torch.utils.checkpoint import checkpoint
     static = mode == "reduce-overhead"
-    if compile and static:   # room for every bucket, train and eval, before dynamo gives up and runs eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * buckets + 2)
+    if compile and static:   # graphs per bucket: 2 (the first block's input needs no grad) x 2 (train, eval)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * buckets + 2)
     for block in model.layers:
         forward = block.forward
         if compile:
