@@ -742,14 +742,26 @@ def load_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int) -> tuple[list, 
     return train, val, stats
 
 
+def finished(cfg: TrainConfig, state: dict | None, total: int, rank: int) -> bool:
+    """A resumed run that has done its steps and written its adapter: says so (nothing is written)."""
+    done = state is not None and state["step"] >= total and os.path.isfile(os.path.join(cfg.out_dir, "adapter.pth"))
+    if done:
+        log(rank, f"{cfg.out_dir}: nothing left to do: the run is at step {state['step']} of {total} (a larger "
+                  "--max_steps or --epochs trains further)")
+    return done
+
+
 def train(cfg: TrainConfig) -> torch.nn.Module | None:
     """Run training as configured; returns the trained (unwrapped) model, or None when a resumed run had
     nothing left to do. See the module doc."""
     check_config(cfg)
     ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     state = read_state(ckpt) if ckpt else None
-    check_resume(cfg, state, ckpt) if ckpt else check_out_dir(cfg)   # nothing is written before these checks
-    rank, world, device = setup_distributed(cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()))
+    if ckpt:   # nothing is written before these checks
+        check_resume(cfg, state, ckpt)
+    check_out_dir(cfg)
+    rank, world, device = setup_distributed(cuda=cfg.device == "cuda" or (cfg.device == "auto" and
+                                                                          torch.cuda.is_available()))
     on_cuda = device.type == "cuda"
     if on_cuda and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -759,9 +771,7 @@ def train(cfg: TrainConfig) -> torch.nn.Module | None:
     loader = data.Loader(train_ex, cfg.global_batch, cfg.micro_batch, cfg.seed, rank, world, pad_id,
                          cfg.pad_to_multiple)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * loader.steps_per_epoch
-    if state and state["step"] >= total_steps and os.path.isfile(os.path.join(cfg.out_dir, "adapter.pth")):
-        log(rank, f"{cfg.out_dir}: nothing left to do: the run is at step {state['step']} of {total_steps} "
-                  "(a larger --max_steps or --epochs trains further)")
+    if finished(cfg, state, total_steps, rank):
         return None
     raw, model = build(cfg, ckpt, device, rank)
     check_tokenizer(tok_path, raw.params.vocab_size)

@@ -178,7 +178,8 @@ def test_fresh_run_into_another_runs_folder_stops_before_writing(done, tiny_ckpt
     code, _, err = run_main(cli(config(tiny_ckpt, sft, run, **dict(KW, max_steps=1))), capsys)
     assert code == 1
     assert one_error_line(err) == (f"error: {run}: --out_dir holds another run's checkpoints (ckpt_00000002, "
-                                   f"ckpt_00000004, latest); continue it with --resume {run}, or choose a new --out_dir")
+                                   f"ckpt_00000004, latest); continue it with --resume {run}, or choose a new "
+                                   "--out_dir")
     assert snapshot(run) == before
 
 
