@@ -508,15 +508,15 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, start: int =
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine decay that would
     reach min_ratio at step `total` (so no step runs at the final lr).
 
-    A run whose length changed on resume at step `start` (after the warmup) continues from start_mult, the
-    multiplier of its last step, with a cosine from there down to min_ratio over the new remaining steps: no
-    jump, and no step at the final lr. Resumed within the warmup, the warmup goes on and the cosine is laid out
-    for the new length (start 0).
+    A run whose length changed on resume at step `start` continues from start_mult, the multiplier of its last
+    step, with a cosine from there down to min_ratio over the new remaining steps: no jump, and no step at the
+    final lr. Resumed within the warmup, and still longer than it, the warmup goes on and the cosine is laid
+    out for the new length (start 0).
     """
-    if step < warmup:
-        return (step + 1) / warmup
     if start:
         progress, top = (step - start + 1) / (total - start + 1), start_mult
+    elif step < warmup:
+        return (step + 1) / warmup
     else:
         progress, top = min(1.0, (step - warmup) / max(1, total - warmup)), 1.0
     return min_ratio + (top - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -528,8 +528,8 @@ def plan_schedule(cfg: TrainConfig, total: int, step: int = 0, saved: dict | Non
         return {"warmup": round(cfg.warmup_ratio * total), "total": total, "start": 0, "start_mult": 1.0}
     if saved["total"] == total:
         return saved
-    if step <= saved["warmup"]:
-        return dict(saved, total=total, start=0, start_mult=1.0)
+    if step <= saved["warmup"] < total and not saved["start"]:
+        return dict(saved, total=total)
     return dict(saved, total=total, start=step, start_mult=lr_lambda(step - 1, min_ratio=cfg.min_lr_ratio, **saved))
 
 

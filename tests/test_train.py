@@ -1,6 +1,7 @@
 """train.py: every method learns with a frozen base, gradient accumulation, torchrun (gloo), exact resume
 after SIGKILL, SIGTERM, NaN stop, bad input. CUDA-only tests (bf16, compile, NCCL) are named test_cuda_*."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -345,6 +346,23 @@ def test_compile_modes_accepted_and_compiled_steps_match_eager(tiny_ckpt, sft, t
     # 2 per bucket; the default mode turns dynamic at the second shape and covers the third with it
     assert graphs["reduce-overhead"] == 6 and graphs["default"] == 4
     assert torch._dynamo.config.recompile_limit >= 4 * 3 + 2
+
+
+def test_lr_schedule_refit_on_resume_by_hand():
+    cfg = train.TrainConfig(warmup_ratio=0.5)
+    saved = train.plan_schedule(cfg, 10)
+    assert saved == {"warmup": 5, "total": 10, "start": 0, "start_mult": 1.0}
+
+    def lrs(plan, steps):
+        return [train.lr_lambda(s, min_ratio=0.0, **plan) for s in steps]
+    # resumed at step 2 (in the warmup) and made longer: the warmup goes on, the cosine spans steps 5..20
+    longer = train.plan_schedule(cfg, 20, step=2, saved=saved)
+    assert lrs(longer, range(2, 7)) == pytest.approx([3 / 5, 4 / 5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 15))])
+    # made shorter than the warmup: from the last multiplier 2/5 down over the 2 steps left (3 intervals)
+    shorter = train.plan_schedule(cfg, 4, step=2, saved=saved)
+    assert lrs(shorter, [2, 3]) == pytest.approx([0.4 * 0.5 * (1 + math.cos(math.pi / 3)),
+                                                  0.4 * 0.5 * (1 + math.cos(2 * math.pi / 3))])
+    assert train.plan_schedule(cfg, 10, step=7, saved=saved) is saved   # the same length: the saved plan
 
 
 def test_demo_smoke(tmp_path):
