@@ -96,8 +96,9 @@ class TrainConfig:
     # system
     device: str = opt("auto", "auto (cuda if available) | cpu | cuda")
     compile: bool = opt(True, "torch.compile every transformer block (CUDA only)")
-    compile_mode: str = opt("default", "torch.compile mode: default | reduce-overhead (CUDA graphs; one graph per "
-                                       "length bucket, see pad_to_multiple) | max-autotune-no-cudagraphs")
+    compile_mode: str = opt("default", "torch.compile mode: default (until the others are measured on a GPU) | "
+                                       "reduce-overhead (CUDA graphs; one static graph per length bucket, see "
+                                       "pad_to_multiple) | max-autotune-no-cudagraphs")
     tf32: bool = opt(True, "allow TF32 matmuls on CUDA")
     grad_ckpt: bool = opt(False, "activation checkpointing of every transformer block")
     fsdp: bool = opt(False, "shard the frozen base over processes with FSDP2 (for models beyond one GPU)")
