@@ -755,13 +755,7 @@ def run(argv: list[str] | None = None) -> None:
     ap.add_argument("--bench_prefix", action="store_true", help="time shared-prefix vs plain scoring and exit")
     args = ap.parse_args(argv)
     check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    _, _, device = llama.setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.time()
     model = llama.Transformer.from_checkpoint(args.ckpt_dir, device, dtype, max_seq_len=args.max_seq_len,

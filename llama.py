@@ -468,6 +468,24 @@ def load_tokenizer(ckpt_dir: str, vocab_size: int, path: str | None = None) -> T
     return Tokenizer(path)
 
 
+def under_torchrun() -> bool:
+    """The one rule for "launched by torchrun" (train.py, evaluate.py): it sets RANK and WORLD_SIZE, even for one
+    process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup_distributed(cuda: bool) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: a process group (NCCL on CUDA, gloo on CPU) and, on CUDA, the
+    GPU of this process's LOCAL_RANK, as Meta's Llama.build does. Alone: rank 0 of 1."""
+    import torch.distributed as dist
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if under_torchrun() and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device
+
+
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling: keep the most likely tokens until their mass reaches p (the one crossing p included)."""
     sorted_probs, idx = probs.sort(dim=-1, descending=True)

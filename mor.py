@@ -34,6 +34,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 
 import torch
 import torch.nn as nn
@@ -598,35 +599,52 @@ def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> No
             p.copy_(sd[k])
 
 
-def save_adapter(model: nn.Module, path: str) -> None:
-    """Write {"config": model.adapter_config, "state_dict": ...} to path.
+def save_adapter(model: nn.Module, path: str | None) -> dict:
+    """The adapter file: {"config": model.adapter_config, "state_dict": ...}, written to path (a temp file renamed
+    into place, so a kill never leaves half a file) and returned.
 
     For adapter_config {"method": "full"} (full fine-tuning, no adapters) the state dict is the whole
-    model.state_dict(); otherwise only the adapter weights.
+    model.state_dict(); otherwise only the adapter weights. Sharded parameters (FSDP2's DTensors) are gathered,
+    which is a collective: then every process calls this, and all but one pass path=None.
     """
     config = getattr(model, "adapter_config", None)
     if config is None:
         raise RuntimeError("model has no adapter_config: call add_adapters() (or set {'method': 'full'}) first")
     sd = model.state_dict() if config["method"] == "full" else adapter_state_dict(model)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"config": dict(config), "state_dict": sd}, path)
+    sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in sd.items()}
+    payload = {"config": dict(config), "state_dict": sd}
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return payload
 
 
 def load_adapter(model: nn.Module, path: str) -> dict:
-    """Load a save_adapter() file into a base model: adds the adapters it describes, then loads weights.
+    """Load a save_adapter() file into a model: adds the adapters it describes, then loads their weights. A model
+    that already has adapters (as when training resumes) must have the file's config; only weights are loaded.
 
-    For method "full" the whole model.state_dict() is loaded (strict). Returns the config.
+    For method "full" the whole model.state_dict() is loaded (strict). Returns the config. A file that is not
+    an adapter file (truncated, other bytes) raises ValueError naming it.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:   # truncated zip, empty file, other bytes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "file ends early"
+        raise ValueError(f"{path}: not a readable adapter file ({type(e).__name__}: {reason[:120]})") from None
     if not (isinstance(ckpt, dict) and "config" in ckpt and "state_dict" in ckpt):
         raise ValueError(f"{path}: not a save_adapter() file (expected keys 'config' and 'state_dict')")
     config = dict(ckpt["config"])
+    own = getattr(model, "adapter_config", None)
+    if own is not None and own != config:
+        raise ValueError(f"{path}: the file holds adapters {config}, the model already has {own}")
     if config.get("method") == "full":
         model.load_state_dict(ckpt["state_dict"])
         model.adapter_config = config
         return config
-    hyper = {k: v for k, v in config.items() if k not in ("method", "targets")}
-    add_adapters(model, config["method"], tuple(config["targets"]), **hyper)
+    if own is None:
+        hyper = {k: v for k, v in config.items() if k not in ("method", "targets")}
+        add_adapters(model, config["method"], tuple(config["targets"]), **hyper)
     try:
         load_adapter_state_dict(model, ckpt["state_dict"])
     except RuntimeError as e:

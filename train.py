@@ -1,11 +1,15 @@
 """Instruction tuning of a LLaMA with MoR or a baseline adapter (paper §4.1), on one CPU or many GPUs.
 
-    python train.py                                   # the no-download demo (CPU, about two minutes)
+    python train.py                                   # the no-download demo (demo/demo.py; CPU, under a minute)
     python train.py --ckpt_dir llama-2-7b --data tulu_v2.jsonl --method mor --out_dir out/mor_e8r8
+    python train.py --resume out/mor_e8r8             # continue a stopped run with its own settings
     torchrun --nproc_per_node=8 train.py --ckpt_dir llama-2-7b --data tulu_v2.jsonl   # DDP, global batch 8
     torchrun --nproc_per_node=8 train.py ... --fsdp   # shard the frozen base (70B)
 
 Every TrainConfig field is a flag (`--lr 1e-4`, `--compile false`, `--no_compile`, `--targets w1 w2 w3`).
+`train()` reads top to bottom: setup, then the loop (batch, forward_backward, clip, finite check, step, log, eval,
+checkpoint or stop). Everything a checkpoint holds is written by write_checkpoint and read back by
+restore_checkpoint.
 
 Dtypes on CUDA: the frozen base weights are stored in bf16 (halves memory; they never change, so nothing is
 lost after the one rounding), trainable parameters (adapters; everything for --method full) stay fp32
@@ -25,10 +29,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -37,9 +43,11 @@ import torch.nn.functional as F
 
 import data
 import mor
-from llama import CheckpointError, ModelArgs, Tokenizer, Transformer, check_tokenizer, tokenizer_path
+from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, setup_distributed, tokenizer_path, \
+    under_torchrun
 
 METHODS = ("mor", "lora", "dora", "moelora", "moslora", "full")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def opt(default, help: str):
@@ -60,8 +68,9 @@ class TrainConfig:
     skip_bad_examples: bool = opt(False, "skip and count bad JSONL lines instead of stopping at the first")
     max_len: int = opt(1024, "truncate examples to this many tokens (paper: 1024)")
     pack: bool = opt(False, "pack several examples into each max_len row")
-    out_dir: str = opt("out/run", "checkpoints, adapter.pth and log.jsonl go here")
-    resume: str = opt("", "continue exactly from this out_dir (its latest checkpoint) or checkpoint folder")
+    out_dir: str = opt("out/run", "checkpoints, adapter.pth and log.jsonl go here (a new folder for a new run)")
+    resume: str = opt("", "continue the run in this out_dir (its latest checkpoint) or ckpt_<step> folder, with "
+                          "its settings; only --max_steps, --epochs, --lr and system flags may be given anew")
     # adapter (paper §4.1)
     method: str = opt("mor", "mor | lora | dora | moelora | moslora | full (all parameters, no adapter)")
     r: int = opt(8, "LoRA rank r of the shared A, B")
@@ -72,7 +81,7 @@ class TrainConfig:
     targets: list = opt(["w1", "w2", "w3"], "nn.Linear names to adapt (paper: the FFN's gate, down, up)")
     balance_coef: float = opt(0.01, "weight of the router balance loss when router=balanced")
     # optimisation
-    lr: float = opt(2e-4, "peak learning rate (paper: 2e-4)")
+    lr: float = opt(2e-4, "peak learning rate (paper: 2e-4); on resume, the new peak from the next step on")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.999, "AdamW beta2")
@@ -82,20 +91,23 @@ class TrainConfig:
     global_batch: int = opt(8, "examples per optimizer step over all processes (paper: 8)")
     micro_batch: int = opt(1, "examples per forward on each process; accumulation fills the global batch")
     epochs: int = opt(2, "passes over the training data (used when max_steps <= 0)")
-    max_steps: int = opt(-1, "optimizer steps to run (overrides epochs when > 0)")
+    max_steps: int = opt(-1, "optimizer steps to run (overrides epochs when > 0); on resume, may extend the run")
     seed: int = opt(42, "seeds data order, adapter init and dropout")
     # system
     device: str = opt("auto", "auto (cuda if available) | cpu | cuda")
-    compile: bool = opt(True, "torch.compile the model (CUDA only)")
+    compile: bool = opt(True, "torch.compile every transformer block (CUDA only)")
+    compile_mode: str = opt("default", "torch.compile mode: default (until the others are measured on a GPU) | "
+                                       "reduce-overhead (CUDA graphs; one static graph per length bucket, see "
+                                       "pad_to_multiple) | max-autotune-no-cudagraphs")
     tf32: bool = opt(True, "allow TF32 matmuls on CUDA")
     grad_ckpt: bool = opt(False, "activation checkpointing of every transformer block")
     fsdp: bool = opt(False, "shard the frozen base over processes with FSDP2 (for models beyond one GPU)")
-    pad_to_multiple: int = opt(64, "pad batch lengths to a multiple of this (fewer shapes to compile)")
+    pad_to_multiple: int = opt(64, "pad batch lengths to a multiple of this: the length buckets (shapes) to compile")
     peak_tflops: float = opt(0.0, "accelerator peak bf16 TFLOP/s for MFU (0: look up H100/H200/A100)")
     # logging and checkpoints
     eval_every: int = opt(200, "steps between validation losses (and at the end)")
     ckpt_every: int = opt(500, "steps between checkpoints (and at the end)")
-    keep_ckpts: int = opt(2, "checkpoints kept in out_dir")
+    keep_ckpts: int = opt(2, "checkpoints kept in out_dir (the newest always; 0: all)")
     progress: bool = opt(True, "show the tqdm bar")
     crash_at_step: int = opt(-1, "testing aid: SIGKILL this process right after this step")
 
@@ -113,24 +125,34 @@ def str2bool(s: str) -> bool:
 ALIASES = {"r": ("--lora_r",)}
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Every TrainConfig field as --name; booleans also as bare --name / --no_name; lists take several values."""
+def parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """Every TrainConfig field as --name; booleans also as bare --name / --no_name; lists take several values.
+    With defaults=False, only the flags given on the command line appear in the result."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " With no arguments: the demo.")
-    defaults = TrainConfig()
     for f in fields(TrainConfig):
-        d, h = getattr(defaults, f.name), f.metadata["help"]
+        d, h = getattr(TrainConfig(), f.name), f.metadata["help"]
         h += f" [default: {' '.join(map(str, d)) if isinstance(d, list) else d}]" if d not in ("", []) else ""
+        dflt = d if defaults else argparse.SUPPRESS
         if isinstance(d, bool):
-            ap.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=d, help=h)
-            ap.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            ap.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=dflt, help=h)
+            ap.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=dflt, help=argparse.SUPPRESS)
         elif isinstance(d, list):
-            ap.add_argument(f"--{f.name}", nargs="+", default=d, help=h + " (space or comma separated)")
+            ap.add_argument(f"--{f.name}", nargs="+", default=dflt, help=h + " (space or comma separated)")
         else:
-            ap.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), dest=f.name, type=type(d), default=d, help=h)
-    cfg = TrainConfig(**vars(ap.parse_args(argv)))
-    for name in ("data", "val_data", "targets"):   # accept "a,b" as well as "a b"
-        setattr(cfg, name, [x for v in getattr(cfg, name) for x in str(v).split(",") if x])
-    return cfg
+            ap.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), dest=f.name, type=type(d), default=dflt, help=h)
+    return ap
+
+
+def given_flags(argv: list[str]) -> dict:
+    """The settings given on the command line (not defaulted), lists split at commas: "a,b" as well as "a b"."""
+    given = vars(parser(defaults=False).parse_args(argv))
+    return {k: [x for v in vals for x in str(v).split(",") if x] if isinstance(vals, list) else vals
+            for k, vals in given.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The config of a command line: defaults, then the given flags."""
+    return TrainConfig(**{**vars(parser().parse_args(argv)), **given_flags(argv)})
 
 
 class ConfigError(ValueError):
@@ -142,6 +164,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     if cfg.router not in mor.ROUTERS:
         raise ConfigError(f"--router must be one of {', '.join(mor.ROUTERS)}, got {cfg.router!r}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if not cfg.ckpt_dir or not cfg.data:
         raise ConfigError("--ckpt_dir and --data are required (run `python train.py` alone for the demo)")
     if not os.path.isfile(os.path.join(cfg.ckpt_dir, "params.json")):   # fail before tokenising the data
@@ -150,42 +174,124 @@ def check_config(cfg: TrainConfig) -> None:
     for path in cfg.data + cfg.val_data:
         if not os.path.isfile(path):
             raise ConfigError(f"--data/--val_data: no such file {path}")
+        if os.path.getsize(path) == 0:
+            raise ConfigError(f"{path}: the file is empty (expected one JSON example per line)")
     for name in ("r", "num_experts", "max_len", "global_batch", "micro_batch", "eval_every", "ckpt_every",
                  "pad_to_multiple"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"{cfg.out_dir}: --out_dir is a file, not a folder; choose another --out_dir")
 
 
-RESUME_KEYS = ("method", "r", "alpha", "num_experts", "router", "targets")   # what shapes the trained weights
+# ----------------------------------------------------------------------------- resume and the run folder
+
+# what may differ from the checkpoint's settings on resume: the schedule's length and peak (see lr_lambda), where
+# the base now lives, and settings that do not change the math; everything else would be another run
+RESUMABLE = ("max_steps", "epochs", "lr", "resume", "out_dir", "ckpt_dir", "tokenizer", "device", "compile",
+             "compile_mode", "tf32", "grad_ckpt", "progress", "peak_tflops", "eval_every", "ckpt_every", "keep_ckpts",
+             "crash_at_step")
+
+
+def run_config(resume: str, given: dict) -> TrainConfig:
+    """`--resume DIR`: the run's own settings (config.json of its folder), with the flags given now over them."""
+    path = os.path.join(run_dir(find_checkpoint(resume)), "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the run's settings ({e})") from None
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    cfg.crash_at_step = -1   # a testing aid applies to one launch only
+    if "epochs" in given and "max_steps" not in given:
+        cfg.max_steps = -1   # a new --epochs sets the run's length
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    cfg.out_dir = given.get("out_dir", run_dir(find_checkpoint(resume)))
+    return cfg
 
 
 def check_resume(cfg: TrainConfig, state: dict, ckpt: str) -> None:
-    """The run being resumed must build the adapter the checkpoint holds (else its weights would not load, or
-    would mean something else)."""
-    old = state["config"]
-    diff = [f"--{k} {old.get(k)!r} there, {getattr(cfg, k)!r} here" for k in RESUME_KEYS
-            if old.get(k) != getattr(cfg, k)]
+    """The resumed run must be the checkpoint's run: only the RESUMABLE settings may differ from its config."""
+    old, flag = state["config"], lambda k: "--r" if k == "r" else f"--{k}"
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)
+    diff = [f"{flag(k)} {show(getattr(cfg, k))} (the run has {show(v)})" for k, v in old.items()
+            if hasattr(cfg, k) and k not in RESUMABLE and v != getattr(cfg, k)]
     if diff:
-        raise ConfigError(f"--resume {ckpt}: the checkpoint was trained with other adapter settings: "
-                          + "; ".join(diff))
+        raise ConfigError(f"--resume {cfg.resume}: {', '.join(diff)}: cannot change on resume (only --max_steps, "
+                          "--epochs, --lr and system flags can); leave them out, or start a new run in a new --out_dir")
+    if os.path.realpath(cfg.out_dir) != os.path.realpath(run_dir(ckpt)):
+        raise ConfigError(f"--out_dir {cfg.out_dir}: a resumed run writes into its own folder {run_dir(ckpt)}; "
+                          "leave out --out_dir")
 
 
-# ----------------------------------------------------------------------------- distributed
+def check_out_dir(cfg: TrainConfig) -> None:
+    """A new run needs a folder without another run in it: its checkpoints would be mixed with (and rotated
+    away by) this run's, and its log rewritten. Checked before anything is written."""
+    if cfg.resume or not os.path.isdir(cfg.out_dir):
+        return
+    ckpts = [name for _, name in checkpoints(cfg.out_dir)] + (["latest"] if os.path.isfile(
+        os.path.join(cfg.out_dir, "latest")) else [])
+    files = [f for f in ("log.jsonl", "adapter.pth") if os.path.isfile(os.path.join(cfg.out_dir, f))]
+    if ckpts:
+        raise ConfigError(f"{cfg.out_dir}: --out_dir holds another run's checkpoints ({', '.join(ckpts[-3:])}); "
+                          f"continue it with --resume {cfg.out_dir}, or choose a new --out_dir")
+    if files:
+        raise ConfigError(f"{cfg.out_dir}: --out_dir holds another run's {' and '.join(files)} (no checkpoint to "
+                          "resume); choose a new --out_dir")
 
-def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU; one GPU per local rank."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if want_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if "RANK" in os.environ and not dist.is_initialized():   # launched by torchrun (even with 1 process)
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-    return rank, world, device
 
+def checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, folder name) of the complete checkpoints in out_dir, oldest first: sorted by step, not by name."""
+    found = [re.fullmatch(r"ckpt_(\d+)", d) for d in os.listdir(out_dir)] if os.path.isdir(out_dir) else []
+    return sorted((int(m.group(1)), m.group(0)) for m in found if m)
+
+
+def run_dir(ckpt: str) -> str:
+    """The run folder (out_dir) a checkpoint folder lives in."""
+    return os.path.dirname(os.path.abspath(ckpt))
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint folder from --resume: an out_dir (its `latest`) or a ckpt_<step> folder itself."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "state.pt")):
+        raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected `latest` or state.pt)"
+                                + (f"; {older_checkpoint(path)}" if re.fullmatch(r"ckpt_\d+", os.path.basename(
+                                    os.path.normpath(path))) else ""))
+    return path
+
+
+def older_checkpoint(ckpt: str) -> str:
+    """A hint naming the newest readable checkpoint kept beside ckpt (rotation keeps keep_ckpts of them)."""
+    m = re.fullmatch(r"ckpt_(\d+)", os.path.basename(os.path.normpath(ckpt)))
+    for s, name in reversed(checkpoints(run_dir(ckpt)) if m else []):
+        older = os.path.join(run_dir(ckpt), name)
+        if s >= int(m.group(1)):
+            continue
+        try:   # a probe: any failure means "not this one"
+            torch.load(os.path.join(older, "state.pt"), map_location="cpu", weights_only=False)
+            torch.load(os.path.join(older, "adapter.pth"), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            continue
+        return f"the older checkpoint {older} is intact: resume from it with --resume {older}"
+    return "no older readable checkpoint is kept beside it"
+
+
+def read_state(ckpt: str) -> dict:
+    """state.pt of a checkpoint; an unreadable one is one error line offering the older checkpoint."""
+    path = os.path.join(ckpt, "state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:   # truncated, overwritten, other bytes: torch raises several types
+        reason = (str(e).strip().splitlines() or ["file ends early"])[0][:120]
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {reason}); {older_checkpoint(ckpt)}") from None
+
+
+# ----------------------------------------------------------------------------- distributed (llama.setup_distributed)
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized():
@@ -214,8 +320,11 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
         model.adapter_config = {"method": "full"}
-    else:
+        return
+    try:
         mor.add_adapters(model, cfg.method, tuple(cfg.targets), **adapter_hyper(cfg))
+    except ValueError as e:   # e.g. a name that is no nn.Linear of the model
+        raise ConfigError(f"--targets {' '.join(cfg.targets)}: {e}") from None
 
 
 def cast_for_training(model: torch.nn.Module, base_dtype: torch.dtype) -> None:
@@ -224,20 +333,25 @@ def cast_for_training(model: torch.nn.Module, base_dtype: torch.dtype) -> None:
         p.data = p.data.to(torch.float32 if p.requires_grad else base_dtype)
 
 
-def wrap_blocks(model: Transformer, compile: bool, grad_ckpt: bool, mode: str | None = None) -> None:
+def wrap_blocks(model: Transformer, compile: bool, grad_ckpt: bool, mode: str | None = None, buckets: int = 16,
+                backend: str = "inductor") -> None:
     """torch.compile (with torch.compile's `mode`) and/or activation checkpointing, per transformer block.
 
     Per block: the identical blocks share one compiled graph, so compile time does not grow with depth.
     Checkpointing keeps only each block's input and recomputes its inside during the backward (around the
     compiled function, which torch.compile would otherwise not enter). Replacing the instance's forward keeps
-    module names, and so state-dict and checkpoint keys, unchanged.
+    module names, and so state-dict and checkpoint keys, unchanged. mode="reduce-overhead" replays each graph as
+    a CUDA graph, which needs static shapes: one graph per padded batch length, `buckets` of them.
     """
     from functools import partial
     from torch.utils.checkpoint import checkpoint
+    static = mode == "reduce-overhead"
+    if compile and static:   # graphs per bucket: 2 (the first block's input needs no grad) x 2 (train, eval)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * buckets + 2)
     for block in model.layers:
         forward = block.forward
         if compile:
-            forward = torch.compile(forward, mode=mode)
+            forward = torch.compile(forward, mode=mode, dynamic=False if static else None, backend=backend)
         if grad_ckpt:
             forward = partial(checkpoint, forward, use_reentrant=False)
         block.forward = forward
@@ -258,39 +372,32 @@ def full_state(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
 
 
-def adapter_payload(model: torch.nn.Module) -> dict:
-    """What mor.save_adapter writes, {"config", "state_dict"}, gathered from FSDP shards if needed."""
-    sd = model.state_dict() if model.adapter_config["method"] == "full" else mor.adapter_state_dict(model)
-    return {"config": dict(model.adapter_config), "state_dict": {k: full_state(v) for k, v in sd.items()}}
-
-
-def build_model(cfg: TrainConfig, ckpt: str | None, device: torch.device, base_dtype: torch.dtype) -> Transformer:
+def build_model(cfg: TrainConfig, device: torch.device, base_dtype: torch.dtype, adapter: str | None = None
+                ) -> Transformer:
     """Meta checkpoint -> model with cfg.method's adapters (seeded by cfg.seed), dtypes set for training, and
-    the adapter (or full) weights of the checkpoint being resumed."""
+    (FSDP's host copy only) the weights of an adapter file."""
     model = Transformer.from_checkpoint(cfg.ckpt_dir, device=device, dtype=base_dtype, max_seq_len=cfg.max_len)
+    model.train()
     torch.manual_seed(cfg.seed)
     prepare_model(model, cfg)
     cast_for_training(model, base_dtype)
-    if ckpt:
-        resumed = torch.load(os.path.join(ckpt, "adapter.pth"), map_location="cpu", weights_only=True)
-        if cfg.method == "full":
-            model.load_state_dict(resumed["state_dict"])
-        else:
-            mor.load_adapter_state_dict(model, resumed["state_dict"])
+    if adapter:
+        mor.load_adapter(model, adapter)
     return model
 
 
-def build_sharded(cfg: TrainConfig, ckpt: str | None, device: torch.device, base_dtype: torch.dtype,
+def build_sharded(cfg: TrainConfig, adapter: str | None, device: torch.device, base_dtype: torch.dtype,
                   rank: int) -> Transformer:
     """FSDP2 for models that do not fit one GPU: no rank ever holds the whole model on its accelerator.
 
     Every rank builds the model on `meta` (no memory), adds adapters, and shards it; only rank 0 reads the
-    checkpoint, into host memory, and set_model_state_dict scatters each tensor's shards from it.
+    checkpoint (and the resumed adapter) into host memory, and set_model_state_dict scatters each tensor's
+    shards from it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     full_sd, params = {}, [None]
     if rank == 0:
-        host = build_model(cfg, ckpt, torch.device("cpu"), base_dtype)
+        host = build_model(cfg, torch.device("cpu"), base_dtype, adapter)
         full_sd, params = host.state_dict(), [host.params]
         del host
     dist.broadcast_object_list(params, src=0)   # vocab_size may come from the weights, not params.json
@@ -298,7 +405,7 @@ def build_sharded(cfg: TrainConfig, ckpt: str | None, device: torch.device, base
         model = Transformer(params[0])
         prepare_model(model, cfg)
     cast_for_training(model, base_dtype)
-    wrap_blocks(model, compile=cfg.compile and device.type == "cuda", grad_ckpt=cfg.grad_ckpt)
+    wrap_blocks(model, cfg.compile and device.type == "cuda", cfg.grad_ckpt, cfg.compile_mode, buckets(cfg))
     shard_model(model, bf16=device.type == "cuda")
     model.to_empty(device=device)
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -306,6 +413,28 @@ def build_sharded(cfg: TrainConfig, ckpt: str | None, device: torch.device, base
         if hasattr(m, "router_sum"):
             m.router_sum.zero_()
     return model
+
+
+def buckets(cfg: TrainConfig) -> int:
+    """How many padded batch lengths (shapes) training can produce."""
+    return math.ceil(cfg.max_len / cfg.pad_to_multiple)
+
+
+def build(cfg: TrainConfig, ckpt: str | None, device: torch.device, rank: int) -> tuple[Transformer, torch.nn.Module]:
+    """(raw model, the module to call): fp32 on CPU, bf16 frozen base on CUDA, adapters seeded identically on
+    every rank; compiled blocks on CUDA; DDP or FSDP under torchrun."""
+    on_cuda = device.type == "cuda"
+    base_dtype = torch.bfloat16 if on_cuda else torch.float32
+    if cfg.fsdp and not dist.is_initialized():
+        raise ConfigError("--fsdp needs torchrun (torchrun --nproc_per_node=N train.py ...)")
+    if cfg.fsdp:
+        return (raw := build_sharded(cfg, ckpt and os.path.join(ckpt, "adapter.pth"), device, base_dtype, rank)), raw
+    raw = build_model(cfg, device, base_dtype)
+    wrap_blocks(raw, cfg.compile and on_cuda, cfg.grad_ckpt, cfg.compile_mode, buckets(cfg))
+    if not dist.is_initialized():
+        return raw, raw
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return raw, DDP(raw, device_ids=[device.index] if on_cuda else None)   # syncs only requires_grad params
 
 
 # ----------------------------------------------------------------------------- loss and step
@@ -351,17 +480,18 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict], device: 
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, examples: list, micro_batch: int, device: torch.device, pad_id: int,
-                    rank: int = 0, world_size: int = 1, autocast: bool = False) -> float:
+                    rank: int = 0, world_size: int = 1, autocast: bool = False, pad_to_multiple: int = 1) -> float:
     """Mean token loss over the validation examples. Each round of micro_batch * world_size examples is
     split over the ranks; a rank whose share of the last round is empty still runs a forward (on a stand-in,
-    not counted), because FSDP needs every rank in every forward."""
+    not counted), because FSDP needs every rank in every forward. Lengths are padded as in training (the
+    compiled shapes)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     per_round = micro_batch * world_size
     for j in range(0, len(examples), per_round):
         mine = examples[j:j + per_round][rank * micro_batch:(rank + 1) * micro_batch]
-        mb = data.collate(mine or examples[:1], pad_id)
+        mb = data.collate(mine or examples[:1], pad_id, pad_to_multiple)
         labels = mb["labels"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss_sum = lm_loss_sum(model(mb["input_ids"].to(device)), labels).double()
@@ -373,13 +503,46 @@ def validation_loss(model: torch.nn.Module, examples: list, micro_batch: int, de
     return float(total[0] / total[1].clamp(min=1))
 
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine decay."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+# ----------------------------------------------------------------------------- learning-rate schedule
 
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, start: int = 0, start_mult: float = 1.0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine decay that would
+    reach min_ratio at step `total` (so no step runs at the final lr).
+
+    A run whose length changed on resume at step `start` continues from start_mult, the multiplier of its last
+    step, with a cosine from there down to min_ratio over the new remaining steps: no jump, and no step at the
+    final lr. Resumed within the warmup, and still longer than it, the warmup goes on and the cosine is laid
+    out for the new length (start 0).
+    """
+    if start:
+        progress, top = (step - start + 1) / (total - start + 1), start_mult
+    elif step < warmup:
+        return (step + 1) / warmup
+    else:
+        progress, top = min(1.0, (step - warmup) / max(1, total - warmup)), 1.0
+    return min_ratio + (top - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def plan_schedule(cfg: TrainConfig, total: int, step: int = 0, saved: dict | None = None) -> dict:
+    """lr_lambda's arguments (but min_ratio): a new run's, a resumed run's as saved, or re-fit to a new length."""
+    if saved is None:
+        return {"warmup": round(cfg.warmup_ratio * total), "total": total, "start": 0, "start_mult": 1.0}
+    if saved["total"] == total:
+        return saved
+    if step <= saved["warmup"] < total and not saved["start"]:
+        return dict(saved, total=total)
+    return dict(saved, total=total, start=step, start_mult=lr_lambda(step - 1, min_ratio=cfg.min_lr_ratio, **saved))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, schedule: dict, step: int):
+    """LambdaLR at `step`: the lr of the next step is cfg.lr (on resume: a new --lr applies) × its multiplier."""
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, min_ratio=cfg.min_lr_ratio, **schedule), last_epoch=step - 1)
+
+
+# ----------------------------------------------------------------------------- logging
 
 def flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
     """Training FLOPs per token: 2N forward + 2N input gradients + 2N_trainable weight gradients (frozen
@@ -404,28 +567,72 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float:
     return 0.0
 
 
+class StepLog:
+    """What a run writes besides checkpoints: config.json (its settings, read by --resume), log.jsonl (one record
+    per step), the tqdm bar, and the tokens/s and MFU arithmetic. Rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, raw: torch.nn.Module, device: torch.device, world: int, rank: int,
+                 total: int, step: int, tokens_seen: int):
+        from tqdm import tqdm
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=1)
+        self.path, self.raw, self.device, self.rank = os.path.join(cfg.out_dir, "log.jsonl"), raw, device, rank
+        self.peak = peak_flops(device, cfg.peak_tflops) * world
+        self.tokens_seen, self.val_loss = tokens_seen, None
+        self.bar = tqdm(total=total, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True,
+                        desc=cfg.method)
+
+    def step(self, step: int, micro_batches: list[dict], dt: float, loss: float, lr: float, grad_norm: float,
+             targets: int, val_loss: float | None) -> None:
+        lengths = [mb["lengths"] for mb in micro_batches]
+        n_tok = int(all_reduce(torch.tensor(sum(int(n.sum()) for n in lengths), device=self.device)))
+        self.tokens_seen += n_tok
+        seq = sum(float((n.float() ** 2).sum()) for n in lengths) / max(1, sum(int(n.sum()) for n in lengths))
+        mfu = n_tok * flops_per_token(self.raw, seq) / dt / self.peak if self.peak else None   # seq: token-weighted
+        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+               "targets": targets, "tok_per_s": n_tok / dt, "step_s": dt}
+        if mfu is not None:
+            rec["mfu"] = mfu
+        if val_loss is not None:
+            self.val_loss = rec["val_loss"] = val_loss
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            post = {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{n_tok / dt:,.0f}"}
+            if mfu is not None:
+                post["mfu"] = f"{100 * mfu:.1f}%"
+            if self.val_loss is not None:
+                post["val"] = f"{self.val_loss:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def write_checkpoint(out_dir: str, step: int, raw: torch.nn.Module, optimizer, scheduler, loader: data.Loader,
+def write_checkpoint(out_dir: str, step: int, raw: torch.nn.Module, optimizer, loader: data.Loader,
                      cfg: TrainConfig, rank: int, world: int, extra: dict) -> str:
     """Write out_dir/ckpt_<step>/ atomically: everything goes to a temp folder that is renamed once complete,
-    then the `latest` pointer is replaced (os.replace), then old checkpoints are deleted. A kill at any
-    moment leaves `latest` naming a complete checkpoint.
+    then the `latest` pointer is replaced (os.replace), then older checkpoints are deleted. A kill at any
+    moment leaves `latest` naming a complete checkpoint, and rotation never deletes the one just written.
 
-    adapter.pth (mor.save_adapter's format; adapters only), state.pt (optimizer, scheduler, step, data
+    adapter.pth (mor.save_adapter's file; adapters only), state.pt (optimizer, lr schedule, step, data
     position, config), rng_<rank>.pt (each rank's RNG states; dropout differs per rank), and under FSDP
-    optim_<rank>.pt (each rank's optimizer shard).
+    optim_<rank>.pt (each rank's optimizer shard). restore_checkpoint reads them back.
     """
     final = os.path.join(out_dir, f"ckpt_{step:08d}")
     tmp = final + ".tmp"
-    payload = adapter_payload(raw)   # collective under FSDP: every rank takes part
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(payload, os.path.join(tmp, "adapter.pth"))
-        torch.save({"step": step, "config": dataclasses.asdict(cfg), "scheduler": scheduler.state_dict(),
-                    "loader": loader.state_dict(), "world_size": world, **extra,
-                    "optimizer": None if cfg.fsdp else optimizer.state_dict()}, os.path.join(tmp, "state.pt"))
+    mor.save_adapter(raw, os.path.join(tmp, "adapter.pth") if rank == 0 else None)   # a collective under FSDP
+    if rank == 0:
+        torch.save({"step": step, "config": dataclasses.asdict(cfg), "loader": loader.state_dict(),
+                    "world_size": world, **extra, "optimizer": None if cfg.fsdp else optimizer.state_dict()},
+                   os.path.join(tmp, "state.pt"))
     barrier()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
@@ -439,35 +646,75 @@ def write_checkpoint(out_dir: str, step: int, raw: torch.nn.Module, optimizer, s
         with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final) + "\n")
         os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        old = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp"))
-        for d in old[:-cfg.keep_ckpts] if cfg.keep_ckpts > 0 else []:
-            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+        older = [name for s, name in checkpoints(out_dir) if s < step]   # later ones: a future this run replaces
+        for name in older[:max(0, len(older) - cfg.keep_ckpts + 1)] if cfg.keep_ckpts > 0 else []:
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     barrier()
     return final
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint folder from --resume: an out_dir (its `latest`) or a ckpt_<step> folder itself."""
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "state.pt")):
-        raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected `latest` or state.pt)")
-    return path
-
-
-def save_final_adapter(raw: torch.nn.Module, path: str, rank: int) -> None:
-    """mor.save_adapter's file, written atomically (temp file + os.replace)."""
-    payload = adapter_payload(raw)
-    if rank == 0:
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
+def restore_checkpoint(ckpt: str, state: dict, cfg: TrainConfig, raw: torch.nn.Module, optimizer,
+                       loader: data.Loader, total: int, rank: int, world: int) -> tuple[int, int, dict]:
+    """Everything write_checkpoint wrote, back in place: adapter (or full) weights, optimizer, lr schedule (re-fit
+    when the run's length changed), data position, RNG streams, and log.jsonl cut after the checkpoint's step.
+    Returns (step, tokens_seen, schedule). Under FSDP the adapter came in with the model (build_sharded)."""
+    step = state["step"]
+    if not cfg.fsdp:
+        try:
+            mor.load_adapter(raw, os.path.join(ckpt, "adapter.pth"))
+        except ValueError as e:   # truncated or overwritten: offer the checkpoint before it
+            raise CheckpointError(f"{e}; {older_checkpoint(ckpt)}") from None
+    optimizer.load_state_dict(torch.load(os.path.join(ckpt, f"optim_{rank}.pt"), weights_only=False)
+                              if cfg.fsdp else state["optimizer"])
+    try:
+        loader.load_state_dict(state["loader"])
+    except data.DataError as e:
+        raise ConfigError(f"--resume {ckpt}: {e}: the --data files changed since this checkpoint") from None
+    rng_path = os.path.join(ckpt, f"rng_{rank}.pt")
+    if os.path.isfile(rng_path) and state["world_size"] == world:   # continue each rank's dropout exactly
+        rng = torch.load(rng_path, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:   # another number of processes: same data order, fresh dropout streams
+        torch.manual_seed(cfg.seed + 1000 * rank + step)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if rank == 0 and os.path.isfile(log_path):   # the steps after the checkpoint run again
+        with open(log_path) as f:
+            kept = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    old = state["config"]   # checkpoints written before the schedule was saved: their run's plan
+    saved = state.get("schedule") or plan_schedule(cfg, old["max_steps"] if old["max_steps"] > 0 else
+                                                   old["epochs"] * loader.steps_per_epoch)
+    return step, state.get("tokens_seen", 0), plan_schedule(cfg, total, step, saved)
 
 
 # ----------------------------------------------------------------------------- training
 
 class Stop(Exception):
     """Training stopped on a non-finite loss or gradient; the message says where the good checkpoint is."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint; the message says how to continue."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM append to the yielded list instead of killing: the loop finishes its step first."""
+    seen = []
+    handlers = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield seen
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 def log(rank: int, *args) -> None:
@@ -479,6 +726,8 @@ def load_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int) -> tuple[list, 
     """Training and validation examples (tokenised) and the data statistics to report."""
     train, stats = data.load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.skip_bad_examples,
                                      progress=rank == 0 and cfg.progress)
+    if not train:
+        raise ConfigError(f"{', '.join(cfg.data)}: no training examples in --data (every line bad or empty?)")
     if cfg.val_data:
         val, vstats = data.load_dataset(cfg.val_data, tokenizer, cfg.max_len, cfg.skip_bad_examples)
         stats["n_bad"] += vstats["n_bad"]
@@ -494,270 +743,118 @@ def load_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int) -> tuple[list, 
     return train, val, stats
 
 
-def train(cfg: TrainConfig) -> torch.nn.Module:
-    """Run training as configured; returns the trained (unwrapped) model. See the module doc."""
+def finished(cfg: TrainConfig, state: dict | None, total: int, rank: int) -> bool:
+    """A resumed run that has done its steps and written its adapter: says so (nothing is written)."""
+    done = state is not None and state["step"] >= total and os.path.isfile(os.path.join(cfg.out_dir, "adapter.pth"))
+    if done:
+        log(rank, f"{cfg.out_dir}: nothing left to do: the run is at step {state['step']} of {total} (a larger "
+                  "--max_steps or --epochs trains further)")
+    return done
+
+
+def train(cfg: TrainConfig) -> torch.nn.Module | None:
+    """Run training as configured; returns the trained (unwrapped) model, or None when a resumed run had
+    nothing left to do. See the module doc."""
     check_config(cfg)
-    rank, world, device = setup_distributed(cfg)
+    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+    state = read_state(ckpt) if ckpt else None
+    if ckpt:   # nothing is written before these checks
+        check_resume(cfg, state, ckpt)
+    check_out_dir(cfg)
+    rank, world, device = setup_distributed(cuda=cfg.device == "cuda" or (cfg.device == "auto" and
+                                                                          torch.cuda.is_available()))
     on_cuda = device.type == "cuda"
     if on_cuda and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
-    state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False) if ckpt else None
-    if state:
-        check_resume(cfg, state, ckpt)
-
-    tok_path = tokenizer_path(cfg.ckpt_dir, cfg.tokenizer)
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = Tokenizer(tok_path := tokenizer_path(cfg.ckpt_dir, cfg.tokenizer))
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id   # LLaMA has no pad token
     train_ex, val_ex, stats = load_data(cfg, tokenizer, rank)
     loader = data.Loader(train_ex, cfg.global_batch, cfg.micro_batch, cfg.seed, rank, world, pad_id,
                          cfg.pad_to_multiple)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * loader.steps_per_epoch
-    warmup = round(cfg.warmup_ratio * total_steps)
-
-    # model: fp32 on CPU, bf16 frozen base on CUDA; adapters seeded identically on every rank
-    base_dtype = torch.bfloat16 if on_cuda else torch.float32
-    if cfg.fsdp and not dist.is_initialized():
-        raise ConfigError("--fsdp needs torchrun (torchrun --nproc_per_node=N train.py ...)")
-    if cfg.fsdp:
-        raw = build_sharded(cfg, ckpt, device, base_dtype, rank)
-    else:
-        raw = build_model(cfg, ckpt, device, base_dtype)
+    if finished(cfg, state, total_steps, rank):
+        return None
+    raw, model = build(cfg, ckpt, device, rank)
     check_tokenizer(tok_path, raw.params.vocab_size)
-    raw.train()
-    model = raw
-    if not cfg.fsdp:
-        wrap_blocks(raw, compile=cfg.compile and on_cuda, grad_ckpt=cfg.grad_ckpt)
-        if dist.is_initialized():
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(raw, device_ids=[device.index] if on_cuda else None)   # syncs only requires_grad params
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                   fused=on_cuda and not cfg.fsdp)   # FSDP's sharded params: default foreach
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, warmup, total_steps, cfg.min_lr_ratio))
-    step, tokens_seen = 0, 0
-    if state:
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt, f"optim_{rank}.pt"), weights_only=False)
-                                  if cfg.fsdp else state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        rng_path = os.path.join(ckpt, f"rng_{rank}.pt")
-        if os.path.isfile(rng_path) and state["world_size"] == world:   # continue each rank's dropout exactly
-            rng = torch.load(rng_path, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if rng["cuda"] is not None and on_cuda:
-                torch.cuda.set_rng_state(rng["cuda"])
-        else:   # another number of processes: same data order, fresh dropout streams
-            torch.manual_seed(cfg.seed + 1000 * rank + step)
+    if ckpt:
+        step, tokens_seen, schedule = restore_checkpoint(ckpt, state, cfg, raw, optimizer, loader, total_steps,
+                                                         rank, world)
         log(rank, f"resumed from {ckpt} at step {step}")
     else:
+        step, tokens_seen, schedule = 0, 0, plan_schedule(cfg, total_steps)
         torch.manual_seed(cfg.seed + 1000 * rank)   # different dropout masks on different ranks
-
+    scheduler = make_scheduler(optimizer, cfg, schedule, step)
     n_train, n_total = mor.count_parameters(raw)
     log(rank, f"{cfg.method}: {n_train:,} trainable of {n_total:,} parameters | {len(train_ex)} train, "
               f"{len(val_ex)} val examples | {world} process(es) x {loader.accum_steps} micro-batch(es) of "
               f"{cfg.micro_batch} = global batch {cfg.global_batch} | {total_steps} steps | {device}")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if rank == 0:   # a resumed run rewrites the steps after its checkpoint
-        kept = []
-        if state and os.path.isfile(log_path):
-            with open(log_path) as f:
-                kept = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-
-    stop_signal = []
-    handlers = {}
-
-    def on_signal(signum, frame):   # finish the step, checkpoint, exit
-        stop_signal.append(signum)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        handlers[s] = signal.signal(s, on_signal)
-
-    peak = peak_flops(device, cfg.peak_tflops) * world
     balance = cfg.balance_coef if cfg.router == "balanced" and cfg.method in ("mor", "moelora") else 0.0
-    last_ckpt = find_checkpoint(cfg.out_dir) if os.path.isfile(os.path.join(cfg.out_dir, "latest")) else None
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True,
-               desc=cfg.method)
-    val_loss = None
-    try:
+    last_ckpt, steplog = ckpt, StepLog(cfg, raw, device, world, rank, total_steps, step, tokens_seen)
+    with stop_signals() as signalled, closing(steplog):
         while step < total_steps:
             t0 = time.time()
             micro_batches = loader.next_step()
             loss, n_tgt = forward_backward(model, micro_batches, device, world, balance, raw, autocast=on_cuda)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            grad_norm = float(full_state(grad_norm))
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise Stop(f"step {step + 1}: loss {loss}, gradient norm {grad_norm} is not finite; stopped before "
-                           f"updating. Last good checkpoint: {last_ckpt or 'none yet'} (resume from it with "
-                           f"--resume {cfg.out_dir}, e.g. with a lower --lr)")
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")   # the norm is logged either way
+            grad_norm = float(full_state(torch.nn.utils.clip_grad_norm_(params, clip)))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):   # stop before the update spoils weights
+                raise Stop(f"step {step + 1}: loss {loss}, gradient norm {grad_norm} is not finite; stopped "
+                           f"before updating. Last good checkpoint: {last_ckpt or 'none yet'} (resume from it "
+                           f"with --resume {cfg.out_dir}, e.g. with a lower --lr)")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if on_cuda:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()   # time the step, not its kernel launches
             dt = time.time() - t0
-            n_tok = int(all_reduce(torch.tensor(sum(int(mb["lengths"].sum()) for mb in micro_batches), device=device)))
-            tokens_seen += n_tok
-            seq = sum(float((mb["lengths"].float() ** 2).sum()) for mb in micro_batches) / max(
-                1, sum(int(mb["lengths"].sum()) for mb in micro_batches))   # token-weighted sequence length
-            mfu = n_tok * flops_per_token(raw, seq) / dt / peak if peak else None
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                   "targets": n_tgt, "tok_per_s": n_tok / dt, "step_s": dt}
-            if mfu is not None:
-                rec["mfu"] = mfu
-            if val_ex and (step % cfg.eval_every == 0 or step == total_steps):
-                val_loss = rec["val_loss"] = validation_loss(model, val_ex, cfg.micro_batch, device, pad_id, rank,
-                                                             world, autocast=on_cuda)
-            if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                post = {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{n_tok / dt:,.0f}"}
-                if mfu is not None:
-                    post["mfu"] = f"{100 * mfu:.1f}%"
-                if val_loss is not None:
-                    post["val"] = f"{val_loss:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
+            due = val_ex and (step % cfg.eval_every == 0 or step == total_steps)
+            val_loss = validation_loss(model, val_ex, cfg.micro_batch, device, pad_id, rank, world, on_cuda,
+                                       cfg.pad_to_multiple) if due else None
+            steplog.step(step, micro_batches, dt, loss, lr, grad_norm, n_tgt, val_loss)
             # every rank must stop at the same step: a signal seen by any rank stops all
-            stopping = bool(all_reduce(torch.tensor(len(stop_signal), device=device), dist.ReduceOp.MAX))
+            stopping = bool(all_reduce(torch.tensor(len(signalled), device=device), dist.ReduceOp.MAX))
             if step % cfg.ckpt_every == 0 or step == total_steps or stopping:
-                last_ckpt = write_checkpoint(cfg.out_dir, step, raw, optimizer, scheduler, loader, cfg, rank, world,
-                                             {"tokens_seen": tokens_seen})
+                last_ckpt = write_checkpoint(cfg.out_dir, step, raw, optimizer, loader, cfg, rank, world,
+                                             {"tokens_seen": steplog.tokens_seen, "schedule": schedule})
             if step == cfg.crash_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stopping:
-                bar.close()
-                log(rank, f"stopped by signal at step {step}; checkpoint {last_ckpt}; "
-                          f"continue with --resume {cfg.out_dir}")
-                break
-    finally:
-        bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if step == total_steps:
-        save_final_adapter(raw, os.path.join(cfg.out_dir, "adapter.pth"), rank)
-        log(rank, f"done: {step} steps, adapter in {os.path.join(cfg.out_dir, 'adapter.pth')}"
-                  + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
+                raise Interrupted(f"stopped by signal at step {step}; checkpoint {last_ckpt}; continue with "
+                                  f"--resume {cfg.out_dir}", (signalled or [signal.SIGTERM])[0])
+    mor.save_adapter(raw, os.path.join(cfg.out_dir, "adapter.pth") if rank == 0 else None)
+    log(rank, f"done: {step} steps, adapter in {os.path.join(cfg.out_dir, 'adapter.pth')}"
+              + (f", val loss {steplog.val_loss:.4f}" if steplog.val_loss is not None else ""))
     log(rank, f"data: {stats['n_bad']} bad line(s) skipped, {stats['n_dropped_empty']} example(s) dropped "
               f"(nothing to learn after truncation to {cfg.max_len}), {stats['n_truncated']} truncated")
     return raw
 
 
-# ----------------------------------------------------------------------------- the no-download demo
-
-DEMO_PARAMS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
-
-
-def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: dict, tokenizer_path: str | None = None) -> str:
-    """params.json + consolidated.00.pth (+ tokenizer.model) in Meta's layout: what from_checkpoint reads."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()},
-               os.path.join(ckpt_dir, "consolidated.00.pth"))
-    with open(os.path.join(ckpt_dir, "params.json"), "w") as f:
-        json.dump(params, f)
-    if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(ckpt_dir, "tokenizer.model")):
-        shutil.copyfile(tokenizer_path, os.path.join(ckpt_dir, "tokenizer.model"))
-    return ckpt_dir
-
-
-def mc_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, mc: dict[str, list[dict]]) -> dict[str, float]:
-    """Held-out multiple-choice accuracy per skill (evaluate.py's scoring) and over all items."""
-    import evaluate
-    accs = {name: evaluate.score_multiple_choice(model, tokenizer, items, batch_size=64, delimiter=" ")["acc"]
-            for name, items in mc.items()}
-    accs["all"] = sum(accs[n] * len(mc[n]) for n in mc) / sum(len(items) for items in mc.values())
-    return accs
-
-
-def demo(out_dir: str = "out/demo", n_per_skill: int = 400, n_eval: int = 50, pretrain_steps: int = 600,
-         steps: int = 300, progress: bool = True) -> dict:
-    """`python train.py`: MoR instruction tuning end to end on CPU, nothing downloaded.
-
-    1. Synthetic multi-task chat data (data.SKILLS) and an unseen multiple-choice split.
-    2. A tiny random LLaMA written in Meta's layout (params.json, consolidated.00.pth, tokenizer.model).
-    3. "Pretraining": a random frozen base cannot learn these skills through FFN adapters alone (like a real
-       LLM, the base must already know things), so the base is first trained with --method full on plain
-       "Q: ... A: ..." text of the same skills (other random draws, no chat template). It is written back to
-       disk in Meta's layout as the base to tune.
-    4. MoR (E8R8 on w1/w2/w3, as the paper) on the chat-format data, base loaded by Transformer.from_checkpoint.
-    5. Held-out multiple-choice accuracy before and after, scored by evaluate.py.
-    """
-    t_start = time.time()
-    # one thread: the matrices are tiny, and two threads on a busy 2-core machine wait on each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _demo(out_dir, n_per_skill, n_eval, pretrain_steps, steps, progress, t_start)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _demo(out_dir: str, n_per_skill: int, n_eval: int, pretrain_steps: int, steps: int, progress: bool,
-          t_start: float) -> dict:
-    sft_rows = data.synthetic_tasks(n_per_skill, seed=0)
-    mc = data.synthetic_mc(n_eval, seed=1, exclude=sft_rows)
-    pre_rows = [{"prompt": "", "completion": f"Q: {r['messages'][0]['content']} A: {r['messages'][1]['content']}"}
-                for r in data.synthetic_tasks(n_per_skill, seed=2)]
-    sft_path = data.write_jsonl(sft_rows, os.path.join(out_dir, "sft.jsonl"))
-    pre_path = data.write_jsonl(pre_rows, os.path.join(out_dir, "pretrain.jsonl"))
-    texts = [data.format_chat(r["messages"]) for r in sft_rows] + [r["completion"] for r in pre_rows]
-    tok_path = data.train_tokenizer(texts, os.path.join(out_dir, "tokenizer.model"), vocab_size=512)
-    tokenizer = Tokenizer(tok_path)
-    params = dict(DEMO_PARAMS, vocab_size=tokenizer.n_words)
-    torch.manual_seed(0)
-    random_base = write_meta_checkpoint(os.path.join(out_dir, "random_base"), params,
-                                        Transformer(ModelArgs(**params)).state_dict(), tok_path)
-    common = dict(global_batch=16, micro_batch=16, max_len=128, pad_to_multiple=8, progress=progress,
-                  ckpt_every=10**9, seed=0)
-    print(f"[demo] 1/3 pretraining a tiny LLaMA ({params['n_layers']} layers, dim {params['dim']}) with "
-          f"--method full on {len(pre_rows)} plain-text examples", flush=True)
-    pre = train(TrainConfig(ckpt_dir=random_base, data=[pre_path], method="full", lr=3e-3, val_size=0,
-                            max_steps=pretrain_steps, out_dir=os.path.join(out_dir, "pretrain"), **common))
-    base = write_meta_checkpoint(os.path.join(out_dir, "base"), params, pre.state_dict(), tok_path)
-    before = mc_accuracy(Transformer.from_checkpoint(base), tokenizer, mc)
-    print(f"[demo] 2/3 MoR instruction tuning on {len(sft_rows)} chat examples ({', '.join(data.SKILLS)})",
-          flush=True)
-    cfg = TrainConfig(ckpt_dir=base, data=[sft_path], method="mor", lr=3e-3, val_size=64,
-                      eval_every=max(1, steps // 4), max_steps=steps, out_dir=os.path.join(out_dir, "mor"), **common)
-    model = train(cfg)
-    model.eval()
-    after = mc_accuracy(model, tokenizer, mc)
-    with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
-    chance = {name: sum(1 / len(it["choices"]) for it in items) / len(items) for name, items in mc.items()}
-    chance["all"] = sum(chance[n] * len(mc[n]) for n in mc) / sum(len(v) for v in mc.values())
-    print(f"[demo] 3/3 held-out multiple choice ({n_eval} unseen questions per skill), accuracy:")
-    print(f"  {'skill':<10}{'chance':>8}{'before':>8}{'after':>8}")
-    for name in list(mc) + ["all"]:
-        print(f"  {name:<10}{chance[name]:>8.2f}{before[name]:>8.2f}{after[name]:>8.2f}")
-    first, last = sum(r["loss"] for r in log[:10]) / len(log[:10]), sum(r["loss"] for r in log[-10:]) / len(log[-10:])
-    print(f"  MoR training loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); "
-          f"adapter: {os.path.join(cfg.out_dir, 'adapter.pth')}; {time.time() - t_start:.0f} s in all")
-    return {"before": before, "after": after, "chance": chance, "loss_first": first, "loss_last": last}
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv and under_torchrun():   # N processes would each run the demo into the same folder
+        if os.environ.get("RANK") == "0":
+            print("error: the demo runs in one process: start it with `python train.py` (torchrun is for runs "
+                  "with --ckpt_dir and --data)", file=sys.stderr)
+        sys.exit(1)
     if not argv:
-        demo()
-        return
-    cfg = parse_args(argv)
+        from demo.demo import main as demo   # the demo lives in demo/, outside the trainer
+        return demo()
     try:
-        check_config(cfg)
-        train(cfg)
+        given = given_flags(argv)
+        train(run_config(given["resume"], given) if given.get("resume") else parse_args(argv))
+    except Interrupted as e:   # the checkpoint is written: a clean stop
+        log(int(os.environ.get("RANK", 0)), str(e))
     except (data.DataError, ConfigError, CheckpointError, Stop, FileNotFoundError) as e:   # bad input: no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:   # Ctrl-C outside a training step (loading, the final save): files are whole
+        print("stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

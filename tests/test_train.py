@@ -1,6 +1,7 @@
 """train.py: every method learns with a frozen base, gradient accumulation, torchrun (gloo), exact resume
 after SIGKILL, SIGTERM, NaN stop, bad input. CUDA-only tests (bf16, compile, NCCL) are named test_cuda_*."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -166,9 +167,9 @@ def free_port() -> int:
 
 RANK_DUMP = """
 import os, sys, torch
-import train
+import mor, train
 model = train.train(train.parse_args(sys.argv[1:]))
-sd = train.adapter_payload(model)["state_dict"]   # gathered from the shards under FSDP
+sd = mor.save_adapter(model, None)["state_dict"]   # gathered from the shards under FSDP
 torch.save(sd, os.path.join(model_out, f"rank{os.environ['RANK']}.pt"))
 """
 
@@ -219,17 +220,22 @@ def test_sigkill_and_resume_is_bit_identical(tiny_ckpt, sft, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]   # the log is rewritten from the checkpoint on
 
 
+def signal_after_two_steps(p: subprocess.Popen, log, send) -> tuple[str, str]:
+    """Once the run's log.jsonl has two steps, call send() (a signal to the run); then its (stdout, stderr)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    send()
+    return p.communicate(timeout=120)
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tiny_ckpt, sft, tmp_path):
     out = tmp_path / "term"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] +
                          cli(config(tiny_ckpt, sft, out, max_steps=100000, global_batch=4, micro_batch=4)),
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     log = out / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=120)
+    stdout, stderr = signal_after_two_steps(p, log, lambda: p.send_signal(signal.SIGTERM))
     assert p.returncode == 0, stderr[-3000:]
     assert "stopped by signal" in stdout
     last = json.loads(log.read_text().splitlines()[-1])["step"]
@@ -274,9 +280,10 @@ def test_bad_input_errors(tiny_ckpt, sft, tmp_path, capsys):
     train.main(cli(config(tiny_ckpt, sft, tmp_path / "g", method="lora", max_steps=1, global_batch=4,
                           micro_batch=4)))
     capsys.readouterr()
-    err = main(config(tiny_ckpt, sft, tmp_path / "g", method="mor", r=4, max_steps=2, resume=str(tmp_path / "g")))
-    assert "the checkpoint was trained with other adapter settings: --method 'lora' there, 'mor' here; " \
-           "--r 8 there, 4 here" in err
+    err = main(config(tiny_ckpt, sft, tmp_path / "g", method="mor", r=4, max_steps=2, global_batch=4, micro_batch=4,
+                      resume=str(tmp_path / "g")))
+    assert f"error: --resume {tmp_path / 'g'}: --method mor (the run has lora), --r 4 (the run has 8): cannot " \
+        "change on resume" in err
 
 
 def test_cli_overrides_every_field():
@@ -297,9 +304,71 @@ def test_lr_schedule_by_hand():
         0.5 * (1 + __import__("math").cos(__import__("math").pi * 3 / 4)))
 
 
+def test_compile_modes_accepted_and_compiled_steps_match_eager(tiny_ckpt, sft, tmp_path):
+    """Each --compile_mode parses and builds per-block compiled training steps equal to eager ones; with
+    reduce-overhead (CUDA graphs) every length bucket gets its own static graph. aot_eager keeps it cheap on
+    CPU: it ignores the mode (inductor's concern, on CUDA), but Dynamo's capture, guards and static shapes are
+    the real ones."""
+    from torch._dynamo.utils import counters
+    for mode in train.COMPILE_MODES:
+        assert train.parse_args(["--compile_mode", mode]).compile_mode == mode
+    with pytest.raises(train.ConfigError, match="--compile_mode must be one of default, reduce-overhead, "
+                                                "max-autotune-no-cudagraphs, got 'max-autotune'"):
+        train.check_config(config(tiny_ckpt, sft, tmp_path, compile_mode="max-autotune"))
+    tok = train.Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    examples, _ = data.load_dataset(sft, tok, 128)
+    batches = [data.collate([(ids[:n], labels[:n]) for ids, labels in examples[:2]], 0, 8) for n in (8, 16, 24)]
+
+    def steps(mode, n_batches):
+        model = Transformer.from_checkpoint(tiny_ckpt)
+        model.train()
+        torch.manual_seed(0)
+        mor.add_adapters(model, "mor", r=4, num_experts=3, dropout=0.0)
+        if mode:
+            train.wrap_blocks(model, compile=True, grad_ckpt=False, mode=mode, buckets=3, backend="aot_eager")
+        out = []
+        for mb in batches[:n_batches]:
+            model.zero_grad(set_to_none=True)
+            loss, _ = train.forward_backward(model, [mb], torch.device("cpu"))
+            out.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        return out
+
+    eager = steps(None, 3)
+    graphs = {}
+    for mode, n_batches in (("default", 3), ("reduce-overhead", 3), ("max-autotune-no-cudagraphs", 1)):
+        torch._dynamo.reset()
+        counters.clear()
+        for (loss, grads), (ref_loss, ref_grads) in zip(steps(mode, n_batches), eager):
+            assert loss == pytest.approx(ref_loss, rel=1e-6)
+            assert all(torch.allclose(g, r, atol=1e-6, rtol=1e-5) for g, r in zip(grads, ref_grads))
+        graphs[mode] = counters["stats"]["unique_graphs"]
+    # two graphs per shape (the first block's input needs no gradient, the others' do): static shapes give
+    # 2 per bucket; the default mode turns dynamic at the second shape and covers the third with it
+    assert graphs["reduce-overhead"] == 6 and graphs["default"] == 4
+    assert torch._dynamo.config.recompile_limit >= 4 * 3 + 2
+
+
+def test_lr_schedule_refit_on_resume_by_hand():
+    cfg = train.TrainConfig(warmup_ratio=0.5)
+    saved = train.plan_schedule(cfg, 10)
+    assert saved == {"warmup": 5, "total": 10, "start": 0, "start_mult": 1.0}
+
+    def lrs(plan, steps):
+        return [train.lr_lambda(s, min_ratio=0.0, **plan) for s in steps]
+    # resumed at step 2 (in the warmup) and made longer: the warmup goes on, the cosine spans steps 5..20
+    longer = train.plan_schedule(cfg, 20, step=2, saved=saved)
+    assert lrs(longer, range(2, 7)) == pytest.approx([3 / 5, 4 / 5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 15))])
+    # made shorter than the warmup: from the last multiplier 2/5 down over the 2 steps left (3 intervals)
+    shorter = train.plan_schedule(cfg, 4, step=2, saved=saved)
+    assert lrs(shorter, [2, 3]) == pytest.approx([0.4 * 0.5 * (1 + math.cos(math.pi / 3)),
+                                                  0.4 * 0.5 * (1 + math.cos(2 * math.pi / 3))])
+    assert train.plan_schedule(cfg, 10, step=7, saved=saved) is saved   # the same length: the saved plan
+
+
 def test_demo_smoke(tmp_path):
     """The demo's whole path (tokenizer, Meta layout on disk, full pretraining, MoR, evaluation), tiny sizes."""
-    result = train.demo(str(tmp_path), n_per_skill=8, n_eval=4, pretrain_steps=2, steps=2, progress=False)
+    from demo.demo import demo
+    result = demo(str(tmp_path), n_per_skill=8, n_eval=4, pretrain_steps=2, steps=2, progress=False)
     assert set(result["before"]) == set(result["after"]) == set(data.SKILLS) | {"all"}
     assert os.path.isfile(tmp_path / "mor" / "adapter.pth")
     for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):
