@@ -67,12 +67,18 @@ METHODS = {
     "Full FT": dict(method="full"),
 }
 BASELINE = "LoRA R8"
+# the paper's claims as paired comparisons (a - b over the seeds both have): Tables 1, 3, 4 and the ablations
+CLAIMS = [("MoR E8R8", "LoRA R8"), ("MoR E8R8", "LoRA R16"), ("MoR E8R8", "MoELoRA E2R8"), ("MoR E8R8", "DoRA R8"),
+          ("MoR E2R8", "MoR E1R8"), ("MoR E4R8", "MoR E2R8"), ("MoR E8R8", "MoR E4R8"), ("MoR E8R8", "MoR E1R8"),
+          ("MoR E8R8", "MoR E8R8 mean"), ("MoR E8R8", "MoR E8R8 balanced"), ("LoRA R16", "LoRA R8"),
+          ("MoR E8R8 Ω=1+N(0,σ²)", "MoR E8R8"), ("MoR E8R8 balanced, averaged", "MoR E8R8 balanced"),
+          ("Full FT", "MoR E8R8")]
 
 
 @dataclass
 class Setup:
     """Everything that fixes the task, the base and the grid."""
-    n_symbols: int = 8             # alphabet a, b, c, ...
+    n_symbols: int = 16            # alphabet a, b, c, ... (8 was too easy: every method near 98 % at 300 steps)
     length: int = 4                # symbols per input
     per_position: bool = True      # each position has its own permutation (else one per task)
     n_pretrain_tasks: int = 24     # the base learns these (disjoint from the tuning tasks)
@@ -84,22 +90,22 @@ class Setup:
     n_pretrain: int = 400          # pretraining examples per pretraining task
     base: dict = field(default_factory=lambda: dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32,
                                                     norm_eps=1e-5, rope_theta=10000.0))
-    pretrain_steps: int = 2000
-    pretrain_lr: float = 3e-3
-    steps: int = 300               # tuning steps per run
+    pretrain_steps: int = 5000
+    pretrain_lr: float = 1e-3      # 3e-3 left the base at chance on the mappings after 2000 steps
+    steps: int = 250               # tuning steps per run: LoRA R8 62 % at 200, 82 % at 300 (calibration, seed 0)
     batch: int = 16
     dropout: float = 0.05
     lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
-    full_lrs: list = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
-    seeds: int = 5
-    variant_seeds: int = 3         # seeds of the 4/16-task variants
+    full_lrs: list = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    seeds: int = 10
+    variant_seeds: int = 5         # seeds of the 4/16-task variants
     methods: list = field(default_factory=lambda: list(METHODS))
     ablations: bool = True
     omega_std: float = 0.1         # the ablation's Ω = 1 + N(0, σ²)
     data_seed: int = 1234
 
 
-QUICK = dict(n_tune_tasks=4, task_counts=[], n_train=32, n_val=10, n_test=20, n_pretrain=40, n_pretrain_tasks=6,
+QUICK = dict(n_symbols=8, n_tune_tasks=4, task_counts=[], n_train=32, n_val=10, n_test=20, n_pretrain=40, n_pretrain_tasks=6,
              base=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, norm_eps=1e-5,
                        rope_theta=10000.0),
              pretrain_steps=30, steps=8, batch=8, lrs=[3e-3], full_lrs=[1e-3], seeds=2, variant_seeds=0,
@@ -444,7 +450,15 @@ def prepare_data(s: Setup, out_dir: str, base: str) -> dict[int, dict]:
 def grid(s: Setup, out_dir: str, workers: int) -> list[dict]:
     """Phase 1: the lr sweep (seed 0, every method); phase 2: the other seeds, ablations and variants."""
     os.makedirs(out_dir, exist_ok=True)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the base and the before-scores run here, the runs in the workers
+    try:
+        return _grid(s, out_dir, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _grid(s: Setup, out_dir: str, workers: int) -> list[dict]:
     base = build_base(s, out_dir)
     per_n = prepare_data(s, out_dir, base)
     results_path = os.path.join(out_dir, "results.jsonl")
@@ -522,6 +536,13 @@ def report(results: list[dict]) -> str:
         om, ent = diag(list(rs.values()))
         lines.append(f"| {v} | {any_r['n_tasks']} | {any_r['lr']:g} | {any_r['params']:,} | {len(seeds)} | "
                      f"{pm([rs[k]['acc'] for k in seeds])} | {delta} | {any_r['acc_before'] * 100:.1f} | {om} | {ent} |")
+    lines += ["", "Paired differences (a − b, accuracy points, mean over the seeds both have, 95 % t-interval):", "",
+              "| a | b | a − b | seeds |", "|---|---|---|---|"]
+    for a, b in CLAIMS + [(f"MoR E8R8, {n} tasks", f"{BASELINE}, {n} tasks") for n in (4, 16)]:
+        if a in runs and b in runs:
+            common = sorted(set(runs[a]) & set(runs[b]))
+            m, h = paired_interval([runs[a][k]["acc"] for k in common], [runs[b][k]["acc"] for k in common])
+            lines.append(f"| {a} | {b} | {m * 100:+.1f} ± {h * 100:.1f} | {len(common)} |")
     sweep = [r for r in results if r["phase"] == "sweep"]
     lrs = sorted({r["lr"] for r in sweep})
     lines += ["", "lr sweep, seed 0, validation accuracy % (the chosen lr in bold):", "",
