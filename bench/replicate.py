@@ -585,10 +585,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setup
     ap.add_argument("--quick", action="store_true", help="the pipeline on a tiny setting (3 methods x 2 seeds)")
     ap.add_argument("--report", action="store_true", help="only rebuild results.md from results.jsonl")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
-    ap.add_argument("--seeds", type=int, help="seeds per method (default 5; --quick 2)")
-    ap.add_argument("--steps", type=int, help="tuning steps per run (default 300)")
+    ap.add_argument("--seeds", type=int, help=f"seeds per method (default {Setup.seeds}; --quick 2)")
+    ap.add_argument("--steps", type=int, help=f"tuning steps per run (default {Setup.steps})")
     ap.add_argument("--methods", nargs="+", help=f"a subset of: {', '.join(METHODS)}")
-    ap.add_argument("--n_test", type=int, help="held-out items per task (default 500)")
+    ap.add_argument("--n_test", type=int, help=f"held-out items per task (default {Setup.n_test})")
     args = ap.parse_args(argv)
     s = Setup(**(QUICK if args.quick else {}))
     for k in ("seeds", "steps", "methods", "n_test"):
