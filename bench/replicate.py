@@ -307,14 +307,14 @@ def score(model, tokenizer, items: dict[str, list[dict]], routers: list | None =
     for name, its in items.items():
         for m in routers or []:
             m.router_sum.zero_()
-            m.router_count = 0
+            m.router_count.zero_()
             m.record_router = True
         acc[name] = evaluate.score_multiple_choice(model, tokenizer, its, batch_size=64, delimiter="")["acc"]
         if routers:
             hs = []
             for m in routers:
                 m.record_router = False
-                p = (m.router_sum / max(m.router_count, 1)).clamp(min=1e-12)
+                p = (m.router_sum / m.router_count.clamp(min=1)).clamp(min=1e-12)
                 hs.append(float(-(p * p.log()).sum() / math.log(m.num_experts)))
             entropy[name] = statistics.mean(hs)
     acc["all"] = sum(acc[n] * len(items[n]) for n in items) / sum(len(v) for v in items.values())
