@@ -105,18 +105,42 @@ def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
     return logp.gather(1, t[:, None]).sum().item(), bool((logp.argmax(-1) == t).all())
 
 
-def _loglikelihood_plain(model, encoded, todo: list[int], batch_size: int, bar, out: list) -> None:
-    """One full causal forward per request (indices `todo`), batched longest first (the harness's way)."""
-    order = sorted(todo, key=lambda i: -len(encoded[i][0]))
+def _score_rows(model, encoded, rows: list[list[int]], out: list) -> None:
+    """One causal forward of a batch of rows; a row is the input (tokens[:-1]) shared by every request in it,
+    so all one-token choices of a question come from one row's last position, whatever the others' lengths."""
+    logits = model(_pad([encoded[row[0]][0][:-1] for row in rows], _device(model)))
+    for b, row in enumerate(rows):
+        for i in row:
+            tokens, n = encoded[i]
+            L = len(tokens) - 1   # logits at positions L-n..L-1 predict the continuation
+            out[i] = _score(logits[b, L - n:L], tokens[L - n + 1:])
+
+
+def _score_shared(model, encoded, batch: list[list[int]], out: list) -> None:
+    """A batch of groups (one row each, requests longest first) sharing a prefix through the KV cache.
+
+    Step 1: one forward of the first p tokens of every row (p = the shortest common prefix in the batch)
+    fills the KV cache. Step 2: for j = 0, 1, ..., one forward of every group's j-th request from position
+    p on, reading the cache. Step 2 overwrites cache slots >= p, which later steps rewrite before reading
+    (the cache mask hides slots beyond the current position), so every request sees exactly its own tokens.
+    """
+    inputs = {i: encoded[i][0][:-1] for g in batch for i in g}
+    p = min(_common_prefix([inputs[i] for i in g]) for g in batch)
     device = _device(model)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        logits = model(_pad([encoded[i][0][:-1] for i in idx], device))
-        for row, i in enumerate(idx):
+    model.setup_cache(len(batch), max(len(x) for x in inputs.values()))   # just long enough for this batch
+    head = model(_pad([inputs[g[0]][:p] for g in batch], device), start_pos=0) if p > 0 else None
+    for j in range(max(len(g) for g in batch)):
+        rows = [g[j] if j < len(g) else None for g in batch]
+        tails = [inputs[i][p:] if i is not None else [] for i in rows]
+        tail = model(_pad([t or [0] for t in tails], device), start_pos=p) if any(tails) else None
+        for b, i in enumerate(rows):
+            if i is None:
+                continue
             tokens, n = encoded[i]
             L = len(tokens) - 1
-            out[i] = _score(logits[row, L - n:L], tokens[L - n + 1:])
-        bar.update(len(idx))
+            lo = L - n   # logits at positions lo..L-1 predict the continuation
+            parts = ([head[b, lo:min(L, p)]] if lo < p else []) + ([tail[b, max(lo, p) - p:L - p]] if L > p else [])
+            out[i] = _score(torch.cat(parts), tokens[lo + 1:])
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -127,44 +151,48 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def _loglikelihood_shared(model, encoded, groups: list[list[int]], batch_size: int, bar, out: list) -> None:
-    """Requests grouped by shared context; each group's common prefix is computed once per batch.
+def _fed(lengths: list[int], batch_size: int) -> int:
+    """Token positions that plain batches of these row lengths feed, longest first, padding included."""
+    lengths = sorted(lengths, reverse=True)
+    return sum(lengths[s] * len(lengths[s:s + batch_size]) for s in range(0, len(lengths), batch_size))
 
-    A batch holds up to batch_size groups, one row each. Step 1: one forward of the first p tokens of every
-    row (p = the shortest common prefix in the batch) fills the KV cache. Step 2: for j = 0, 1, ..., one
-    forward of every group's j-th request from position p on, reading the cache. Step 2 overwrites cache
-    slots >= p, which later steps rewrite before reading (the cache mask hides slots beyond the current
-    position), so every request sees exactly its own tokens. To keep the padding of step 2 small, groups are
-    ordered by their longest request and each group's requests longest first (slot j of every row then
-    holds requests of similar length).
+
+def plan_scoring(encoded: list[tuple[list[int], int]], groups: list[list[int]], batch_size: int,
+                 min_saving: float = 0.1) -> list[tuple[str, list[list[int]]]]:
+    """Batches [("rows" | "shared", [[request indices], ...])] scoring every request exactly once, each the
+    cheapest exact way (token positions fed, padding included):
+    - requests of a group (one context) with the same input (tokens[:-1]: one-token choices) share one row;
+    - groups whose choices differ in their inputs (multi-token choices) are batched longest first, and a batch
+      is scored through a shared prefix (`_score_shared`) only if that feeds >= min_saving fewer positions
+      than plain rows would; otherwise its requests become plain rows;
+    - rows are batched by length, longest first (the harness's order: little padding).
     """
-    inputs = [tokens[:-1] for tokens, _ in encoded]
-    groups = [sorted(g, key=lambda i: -len(inputs[i])) for g in groups]
-    prefix = [_common_prefix([inputs[i] for i in g]) for g in groups]
-    order = sorted(range(len(groups)), key=lambda g: -len(inputs[groups[g][0]]))
-    device = _device(model)
-    try:
-        for s in range(0, len(order), batch_size):
-            batch = [groups[g] for g in order[s:s + batch_size]]
-            p = min(prefix[g] for g in order[s:s + batch_size])
-            # a cache just long enough for this batch: attention reads every slot of it (masked)
-            model.setup_cache(len(batch), max(len(inputs[i]) for g in batch for i in g))
-            head = model(_pad([inputs[g[0]][:p] for g in batch], device), start_pos=0) if p > 0 else None
-            for j in range(max(len(g) for g in batch)):
-                rows = [g[j] if j < len(g) else None for g in batch]
-                tails = [inputs[i][p:] if i is not None else [] for i in rows]
-                tail = model(_pad([t or [0] for t in tails], device), start_pos=p) if any(tails) else None
-                for b, i in enumerate(rows):
-                    if i is None:
-                        continue
-                    tokens, n = encoded[i]
-                    L = len(tokens) - 1
-                    lo = L - n   # logits at positions lo..L-1 predict the continuation
-                    parts = ([head[b, lo:min(L, p)]] if lo < p else []) + ([tail[b, max(lo, p) - p:L - p]] if L > p else [])
-                    out[i] = _score(torch.cat(parts), tokens[lo + 1:])
-                bar.update(sum(i is not None for i in rows))
-    finally:
-        model.clear_cache()
+    inputs = [tuple(tokens[:-1]) for tokens, _ in encoded]
+    rows, multi = {}, []
+    for g in groups:
+        if len(g) > 1 and len({inputs[i] for i in g}) > 1:
+            multi.append(sorted(g, key=lambda i: -len(inputs[i])))
+        else:
+            for i in g:
+                rows.setdefault(inputs[i], []).append(i)
+    plan = []
+    multi.sort(key=lambda g: -len(inputs[g[0]]))
+    for s in range(0, len(multi), batch_size):
+        batch = multi[s:s + batch_size]
+        p = min(_common_prefix([inputs[i] for i in g]) for g in batch)
+        tails = [max((len(inputs[g[j]]) - p for g in batch if j < len(g)), default=0)
+                 for j in range(max(map(len, batch)))]
+        shared = len(batch) * (p + sum(tails))
+        plain = _fed([len(inputs[i]) for g in batch for i in g], batch_size)
+        if shared <= (1 - min_saving) * plain:
+            plan.append(("shared", batch))
+        else:
+            for g in batch:
+                for i in g:
+                    rows.setdefault(inputs[i], []).append(i)
+    ordered = sorted(rows.values(), key=lambda r: -len(inputs[r[0]]))
+    plan += [("rows", ordered[s:s + batch_size]) for s in range(0, len(ordered), batch_size)]
+    return plan
 
 
 @torch.inference_mode()
@@ -173,10 +201,10 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
     """(sum of log-probabilities of the continuation tokens, all of them greedy) for each (context, continuation).
 
     Tokenisation follows the harness (`encode_request`); requests longer than model.params.max_seq_len keep
-    their last tokens. share_prefix: requests with the same context string are scored together with the
-    context computed once through the KV cache (`_loglikelihood_shared`); the others (all of them when
-    share_prefix is False) get one full forward each, batched by length (`_loglikelihood_plain`, the
-    reference path). Results come back in the order of `requests`.
+    their last tokens. share_prefix: the requests of one context string are scored together, each batch the
+    cheapest exact way (`plan_scoring`: one row for all one-token choices, a shared prefix through the KV
+    cache where it saves tokens, plain rows otherwise); share_prefix False: one full forward per request,
+    batched by length (the reference path). Results come back in the order of `requests`.
     """
     if not requests:
         return []
@@ -194,8 +222,15 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
         for i, (context, _) in enumerate(requests):
             groups.setdefault(context if share_prefix else i, []).append(i)
         out = [None] * len(requests)
-        _loglikelihood_plain(model, encoded, [g[0] for g in groups.values() if len(g) == 1], batch_size, bar, out)
-        _loglikelihood_shared(model, encoded, [g for g in groups.values() if len(g) > 1], batch_size, bar, out)
+        for kind, batch in plan_scoring(encoded, list(groups.values()), batch_size):
+            if kind == "shared":
+                try:
+                    _score_shared(model, encoded, batch, out)
+                finally:
+                    model.clear_cache()
+            else:
+                _score_rows(model, encoded, batch, out)
+            bar.update(sum(map(len, batch)))
         return out
     finally:
         bar.close()
