@@ -9,9 +9,9 @@ differ, so absolute values are not comparable with Table 1; differences between 
 Scoring. A multiple-choice question becomes one (context, " " + choice) request per choice. Every request
 is scored by the summed log-probability of its continuation tokens (`loglikelihood`); `acc` takes the
 argmax, `acc_norm` divides by the length in characters of the choice text first (harness convention).
-Questions are scored with their context computed once: the choices of a question share the KV cache of
-the context (see `loglikelihood`), so a 4-choice question costs about one forward of the context plus four
-short forwards of the choices, not four forwards of everything.
+Each batch is scored the cheapest exact way (`plan_scoring`): the one-token choices of a question (MMLU)
+from one row, multi-token choices through the KV cache of their shared context where that saves tokens,
+plain rows otherwise; bench/prefix.py times the ways against each other.
 
 Reported number per task (the table): acc_norm for PIQA, ARC-E, ARC-C, HellaSwag, OBQA; acc for SIQA,
 WinoGrande, MMLU, LAMBADA; exact match for NQ-open. Every metric is in the JSON.
@@ -106,8 +106,8 @@ def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
 
 
 def _score_rows(model, encoded, rows: list[list[int]], out: list) -> None:
-    """One causal forward of a batch of rows; a row is the input (tokens[:-1]) shared by every request in it,
-    so all one-token choices of a question come from one row's last position, whatever the others' lengths."""
+    """One causal forward of a batch of rows; a row is the input (tokens[:-1]) of its first request, and every
+    other request in it has an input that is a prefix of that one (same logits there, attention is causal)."""
     logits = model(_pad([encoded[row[0]][0][:-1] for row in rows], _device(model)))
     for b, row in enumerate(rows):
         for i in row:
@@ -161,7 +161,9 @@ def plan_scoring(encoded: list[tuple[list[int], int]], groups: list[list[int]], 
                  min_saving: float = 0.1) -> list[tuple[str, list[list[int]]]]:
     """Batches [("rows" | "shared", [[request indices], ...])] scoring every request exactly once, each the
     cheapest exact way (token positions fed, padding included):
-    - requests of a group (one context) with the same input (tokens[:-1]: one-token choices) share one row;
+    - a group (one context) whose inputs (tokens[:-1]) are all prefixes of its longest is one row: causal
+      attention gives a prefix the same logits inside the longer row (one-token choices: all from one row,
+      even where the tokenizer splits " A" into two tokens and so lengthens that choice's input by one);
     - groups whose choices differ in their inputs (multi-token choices) are batched longest first, and a batch
       is scored through a shared prefix (`_score_shared`) only if that feeds >= min_saving fewer positions
       than plain rows would; otherwise its requests become plain rows;
@@ -170,11 +172,12 @@ def plan_scoring(encoded: list[tuple[list[int], int]], groups: list[list[int]], 
     inputs = [tuple(tokens[:-1]) for tokens, _ in encoded]
     rows, multi = {}, []
     for g in groups:
-        if len(g) > 1 and len({inputs[i] for i in g}) > 1:
-            multi.append(sorted(g, key=lambda i: -len(inputs[i])))
+        g = sorted(g, key=lambda i: -len(inputs[i]))
+        longest = inputs[g[0]]
+        if all(longest[:len(inputs[i])] == inputs[i] for i in g):   # causal: the longest row holds them all
+            rows.setdefault(longest, []).extend(g)
         else:
-            for i in g:
-                rows.setdefault(inputs[i], []).append(i)
+            multi.append(g)
     plan = []
     multi.sort(key=lambda g: -len(inputs[g[0]]))
     for s in range(0, len(multi), batch_size):
@@ -710,48 +713,6 @@ def format_router_chart(results: dict, width: int = 30) -> str:
     return "\n".join(lines)
 
 
-def bench_prefix(model, tokenizer, tasks, data_dir: str, limit: int | None, batch_size: int) -> dict:
-    """Score the multiple-choice requests of each task three ways (one loglikelihood call per task, as
-    evaluate_tasks does), check they agree, print times and ratios: a plain loop of one forward per choice
-    (batch 1), batched plain forwards (the harness's way), and shared-prefix scoring. Also counts the token
-    positions fed to the model (padding included): the compute that dominates for large models, where the
-    linear layers outweigh attention and per-call overhead."""
-    ways = (("one_forward_per_choice", 1, False), ("batched_plain", batch_size, False),
-            ("shared_prefix", batch_size, True))
-    fed = [0]
-    hook = model.register_forward_pre_hook(lambda m, args: fed.__setitem__(0, fed[0] + args[0].numel()))
-    rows, diff = {}, 0.0
-    try:
-        for task in resolve_tasks(tasks):
-            if task in ("nq_open", "lambada") or not os.path.isdir(os.path.join(data_dir, task)):
-                continue
-            requests = [r for item in load_task(task, data_dir, limit)[0] for r in choice_requests(item)]
-            loglikelihood(model, tokenizer, requests[:batch_size], batch_size)   # warm-up
-            row, res = dict(requests=len(requests)), {}
-            for name, bs, share in ways:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                fed[0], t0 = 0, time.time()
-                res[name] = loglikelihood(model, tokenizer, requests, bs, share_prefix=share)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                row[name] = (round(time.time() - t0, 3), fed[0])
-            diff = max([diff] + [abs(a[0] - b[0]) for a, b in zip(res["one_forward_per_choice"], res["shared_prefix"])])
-            rows[task] = row
-    finally:
-        hook.remove()
-    rows["total"] = {k: sum(r[k] for r in rows.values()) if k == "requests" else
-                     tuple(round(sum(r[k][i] for r in rows.values()), 3) for i in (0, 1)) for k in rows[next(iter(rows))]}
-    print(f"{'task':14s} {'requests':>8s} " + " ".join(f"{n + ' s (tokens)':>30s}" for n, _, _ in ways) +
-          "  speedup vs loop / vs batched (tokens)")
-    for task, r in rows.items():
-        (t1, _), (t2, k2), (t3, k3) = (r[n] for n, _, _ in ways)
-        print(f"{task:14s} {r['requests']:8d} " + " ".join(f"{r[n][0]:>18.2f} ({r[n][1]:>9d})" for n, _, _ in ways) +
-              f"  x{t1 / t3:.2f} / x{t2 / t3:.2f} (x{k2 / k3:.2f})")
-    print(f"max |log-likelihood difference| shared vs one forward per choice: {diff:.1e}")
-    return dict(rows, max_abs_ll_diff=diff)
-
-
 def check_out_path(path: str) -> None:
     """--out can be written: not a folder, no file where a folder must be, permission to create it. Checked
     before the model is loaded, so a typo costs seconds, not a whole evaluation."""
@@ -787,7 +748,6 @@ def run(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="out/results.json", help="JSON with every metric, counts and times")
     ap.add_argument("--router_stats", action="store_true", help="mean router weight per expert and task (Fig. 7)")
     ap.add_argument("--router_layer", type=int, default=-1, help="transformer block for --router_stats")
-    ap.add_argument("--bench_prefix", action="store_true", help="time shared-prefix vs plain scoring and exit")
     args = ap.parse_args(argv)
     check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
     _, _, device = llama.setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
@@ -799,9 +759,6 @@ def run(argv: list[str] | None = None) -> None:
         llama.apply_adapter(model, args.adapter)
     model.eval()
     tokenizer = llama.load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
-    if args.bench_prefix:
-        bench_prefix(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size)
-        return
     results = evaluate_tasks(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size, args.skip_bad,
                              args.router_layer if args.router_stats else None)
     wall = time.time() - t0
