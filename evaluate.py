@@ -68,19 +68,24 @@ NQ_MAX_NEW_TOKENS = 32   # the longest NQ-open dev answer is 51 characters: long
 # -----------------------------------------------------------------------------
 # core: log-likelihood of continuations
 
-def encode_request(tokenizer, context: str, continuation: str, max_seq_len: int) -> tuple[list[int], int, bool]:
+def encode_request(tokenizer, context: str, continuation: str, max_seq_len: int,
+                   known: dict[str, int] | None = None) -> tuple[list[int], int, bool]:
     """Tokenise one (context, continuation) request as the harness does -> (tokens, n_continuation, truncated).
 
     Trailing whitespace of the context moves onto the continuation; BOS + encode(context + continuation) is
     the sequence, and its tokens after the length of encode(context) are the continuation. Sequences longer
     than max_seq_len + 1 keep their last tokens (left truncation): the model reads tokens[:-1] and predicts
-    tokens[1:], whose last n_continuation are scored.
+    tokens[1:], whose last n_continuation are scored. `known`: context -> its token count, filled as it goes
+    (the choices of a question share one context: encode it once).
     """
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tokenizer.encode(context + continuation, bos=True, eos=False)
-    n_cont = len(whole) - len(tokenizer.encode(context, bos=True, eos=False))
+    known = {} if known is None else known
+    if context not in known:
+        known[context] = len(tokenizer.encode(context, bos=True, eos=False))
+    n_cont = len(whole) - known[context]
     if n_cont <= 0:
         raise ValueError(f"continuation {continuation!r} adds no token after context {context[-40:]!r}")
     tokens = whole[-(max_seq_len + 1):]
@@ -107,13 +112,27 @@ def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
 
 def _score_rows(model, encoded, rows: list[list[int]], out: list) -> None:
     """One causal forward of a batch of rows; a row is the input (tokens[:-1]) of its first request, and every
-    other request in it has an input that is a prefix of that one (same logits there, attention is causal)."""
+    other request in it has an input that is a prefix of that one (same logits there, attention is causal).
+    Every scored position of the batch goes through one log_softmax and one gather (not one per request)."""
     logits = model(_pad([encoded[row[0]][0][:-1] for row in rows], _device(model)))
+    where, targets, owner, ids = [], [], [], []   # owner: index into ids (the requests of this batch)
     for b, row in enumerate(rows):
         for i in row:
             tokens, n = encoded[i]
-            L = len(tokens) - 1   # logits at positions L-n..L-1 predict the continuation
-            out[i] = _score(logits[b, L - n:L], tokens[L - n + 1:])
+            L = len(tokens) - 1   # logits at positions L-n..L-1 predict the continuation tokens[L-n+1:]
+            where += [(b, t) for t in range(L - n, L)]
+            targets += tokens[L - n + 1:]
+            owner += [len(ids)] * n
+            ids.append(i)
+    b_idx, t_idx = torch.tensor(where, device=logits.device).unbind(1)
+    logp = F.log_softmax(logits[b_idx, t_idx].float(), dim=-1)
+    tgt, own = torch.tensor(targets, device=logits.device), torch.tensor(owner, device=logits.device)
+    ll = torch.zeros(len(ids), dtype=torch.float64, device=logits.device).index_add_(   # sums in float64:
+        0, own, logp.gather(1, tgt[:, None])[:, 0].double())                                 # order-free
+    missed = torch.zeros(len(ids), device=logits.device).index_add_(0, own, (logp.argmax(-1) != tgt).float())
+    ll, missed = ll.tolist(), missed.tolist()
+    for k, i in enumerate(ids):
+        out[i] = (ll[k], missed[k] == 0)
 
 
 def _score_shared(model, encoded, batch: list[list[int]], out: list) -> None:
@@ -212,7 +231,8 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
     if not requests:
         return []
     max_len = model.params.max_seq_len
-    encoded = [encode_request(tokenizer, c, x, max_len) for c, x in requests]
+    known: dict[str, int] = {}
+    encoded = [encode_request(tokenizer, c, x, max_len, known) for c, x in requests]
     if n_long := sum(truncated for _, _, truncated in encoded):
         print(f"[{desc or 'loglikelihood'}] {n_long} of {len(requests)} requests are longer than "
               f"max_seq_len={max_len}: they keep their last tokens", file=sys.stderr)
