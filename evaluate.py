@@ -136,29 +136,32 @@ def _score_rows(model, encoded, rows: list[list[int]], out: list) -> None:
 
 
 def _score_shared(model, encoded, batch: list[list[int]], out: list) -> None:
-    """A batch of groups (one row each, requests longest first) sharing a prefix through the KV cache.
+    """A batch of groups (one row each, requests longest first) sharing each group's prefix via the KV cache.
 
-    Step 1: one forward of the first p tokens of every row (p = the shortest common prefix in the batch)
-    fills the KV cache. Step 2: for j = 0, 1, ..., one forward of every group's j-th request from position
-    p on, reading the cache. Step 2 overwrites cache slots >= p, which later steps rewrite before reading
-    (the cache mask hides slots beyond the current position), so every request sees exactly its own tokens.
+    Step 1: one forward of every group's common prefix (p_g tokens, its own length) fills the KV cache.
+    Step 2: for j = 0, 1, ..., one forward of every group's j-th request from its own position p_g on (a [B]
+    start_pos), reading the cache. Step 2 overwrites cache slots >= p_g, which later steps rewrite before
+    reading (the cache mask hides slots beyond a row's current position), so every request sees exactly its
+    own tokens, and no part of a context is computed twice.
     """
     inputs = {i: encoded[i][0][:-1] for g in batch for i in g}
-    p = min(_common_prefix([inputs[i] for i in g]) for g in batch)
+    p = [_common_prefix([inputs[i] for i in g]) for g in batch]
     device = _device(model)
-    model.setup_cache(len(batch), max(len(x) for x in inputs.values()))   # just long enough for this batch
-    head = model(_pad([inputs[g[0]][:p] for g in batch], device), start_pos=0) if p > 0 else None
+    width = max(len(inputs[i]) - n for g, n in zip(batch, p) for i in g)   # the widest padded tail
+    model.setup_cache(len(batch), max(p) + width)   # just long enough for this batch
+    head = model(_pad([inputs[g[0]][:n] for g, n in zip(batch, p)], device), start_pos=0) if max(p) else None
+    starts = torch.tensor(p, device=device)
     for j in range(max(len(g) for g in batch)):
         rows = [g[j] if j < len(g) else None for g in batch]
-        tails = [inputs[i][p:] if i is not None else [] for i in rows]
-        tail = model(_pad([t or [0] for t in tails], device), start_pos=p) if any(tails) else None
-        for b, i in enumerate(rows):
+        tails = [inputs[i][n:] if i is not None else [] for i, n in zip(rows, p)]
+        tail = model(_pad([t or [0] for t in tails], device), start_pos=starts) if any(tails) else None
+        for b, (i, n) in enumerate(zip(rows, p)):
             if i is None:
                 continue
-            tokens, n = encoded[i]
+            tokens, k = encoded[i]
             L = len(tokens) - 1
-            lo = L - n   # logits at positions lo..L-1 predict the continuation
-            parts = ([head[b, lo:min(L, p)]] if lo < p else []) + ([tail[b, max(lo, p) - p:L - p]] if L > p else [])
+            lo = L - k   # logits at positions lo..L-1 predict the continuation
+            parts = ([head[b, lo:min(L, n)]] if lo < n else []) + ([tail[b, max(lo, n) - n:L - n]] if L > n else [])
             out[i] = _score(torch.cat(parts), tokens[lo + 1:])
 
 
@@ -201,10 +204,10 @@ def plan_scoring(encoded: list[tuple[list[int], int]], groups: list[list[int]], 
     multi.sort(key=lambda g: -len(inputs[g[0]]))
     for s in range(0, len(multi), batch_size):
         batch = multi[s:s + batch_size]
-        p = min(_common_prefix([inputs[i] for i in g]) for g in batch)
-        tails = [max((len(inputs[g[j]]) - p for g in batch if j < len(g)), default=0)
+        p = [_common_prefix([inputs[i] for i in g]) for g in batch]
+        tails = [max((len(inputs[g[j]]) - n for g, n in zip(batch, p) if j < len(g)), default=0)
                  for j in range(max(map(len, batch)))]
-        shared = len(batch) * (p + sum(tails))
+        shared = len(batch) * (max(p) + sum(tails))
         plain = _fed([len(inputs[i]) for g in batch for i in g], batch_size)
         if shared <= (1 - min_saving) * plain:
             plan.append(("shared", batch))

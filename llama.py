@@ -181,9 +181,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the mean of squares in float32: in bf16 it loses too many digits over 4096 features
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in float32 (bf16 loses too many digits over 4096 features), as one op
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 class Attention(nn.Module):

@@ -169,6 +169,7 @@ def part_eval(args) -> None:
     print("# accuracies " + ", ".join(f"{t} {ra[t]['acc']:.3f}/{rb[t]['acc']:.3f}" for t in ra) +
           f" (ours/harness): {'identical' if same else 'DIFFERENT'}")
     report(f"whole evaluator call, {n_items} items", a, b, "items/s", n_items, 1.5)
+    total = [0.0, 0.0, 0]
     for t, items in tasks.items():   # scoring alone: the same pre-tokenised requests on both sides
         reqs = [r for item in items for r in ev.choice_requests(item)]
         enc = [ev.encode_request(tok, c, x, args.max_seq_len)[:2] for c, x in reqs]
@@ -192,6 +193,8 @@ def part_eval(args) -> None:
         diff = max(abs(x[0] - y[0]) for x, y in zip(ra, rb))
         report(f"scoring only, {t} ({len(reqs)} requests)", a, b, "req/s", len(reqs), 1.2)
         print(f"#   max |log-likelihood difference| {diff:.1e}")
+        total = [total[0] + a, total[1] + b, total[2] + len(reqs)]
+    report(f"scoring only, all ({total[2]} requests)", total[0], total[1], "req/s", total[2], 1.2)
 
 
 def lora_pair(base: llama.Transformer, hf_base, method: str, seed: int):
