@@ -549,10 +549,11 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     """New tokens for each prompt: greedy when temperature is 0, else temperature + top-p sampling.
 
     A row ends at eos_id (not returned), after max_new_tokens, when stop(new_tokens) is true (the token that
-    made it true is returned), or at the model's max_seq_len. One prefill writes every prompt but its last
-    token into the KV cache (no logits); then each step feeds every row one token at the row's own position
-    (a [B] start_pos), starting with its last prompt token, so prompts of different lengths decode together
-    with no row re-fed its prompt. Reuses the KV cache if it is large enough, else sets one up.
+    made it true is returned), or at the model's max_seq_len. One prefill fills the KV cache and gives the
+    first token's logits (only those: last_only); then each step feeds every row one token at the row's own
+    position (a [B] start_pos), so prompts of different lengths decode together (prompts of different lengths
+    are prefilled without their last token, which the first step feeds). Reuses the KV cache if it is large
+    enough, else sets one up.
     """
     B, lens = len(prompt_tokens), [len(p) for p in prompt_tokens]
     max_len = model.params.max_seq_len
@@ -567,13 +568,17 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     was_training = model.training
     model.eval()   # adapters may carry dropout
     try:
-        if max(lens) > 1 and not all(done):   # shorter rows are padded; their stale slots stay masked
-            model(torch.tensor([p[:-1] + [0] * (max(lens) - n) for p, n in zip(prompt_tokens, lens)], device=device),
-                  start_pos=0, last_only=True)
-        tok = torch.tensor([p[-1] for p in prompt_tokens], device=device)
-        pos = torch.tensor(lens, device=device) - 1
+        if len(set(lens)) == 1:   # one prefill of the whole prompts gives the first token's logits
+            logits = model(torch.tensor(prompt_tokens, device=device), start_pos=0, last_only=True)[:, -1]
+        else:   # padded: shorter rows' stale slots stay masked; their last prompt token goes at its own position
+            if max(lens) > 1:
+                model(torch.tensor([p[:-1] + [0] * (max(lens) - n) for p, n in zip(prompt_tokens, lens)],
+                                   device=device), start_pos=0, last_only=True)
+            last = torch.tensor([[p[-1]] for p in prompt_tokens], device=device)
+            logits = model(last, start_pos=torch.tensor(lens, device=device) - 1, last_only=True)[:, -1]
+        pos = torch.tensor(lens, device=device)
         while not all(done):
-            tok = next_token(model(tok[:, None], start_pos=pos, last_only=True)[:, -1], temperature, top_p)
+            tok = next_token(logits, temperature, top_p)
             for i, t in enumerate(tok.tolist()):
                 if done[i]:
                     continue
@@ -581,7 +586,9 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
                     out[i].append(t)
                 done[i] = (t == eos_id or len(out[i]) >= max_new_tokens or lens[i] + len(out[i]) >= max_len
                            or (stop is not None and stop(out[i])))
-            pos = (pos + 1).clamp(max=total - 1)   # finished rows keep writing their last slot, never read
+            if not all(done):
+                logits = model(tok[:, None], start_pos=pos, last_only=True)[:, -1]
+                pos = (pos + 1).clamp(max=total - 1)   # finished rows keep writing their last slot, never read
     finally:
         model.train(was_training)
     return out

@@ -438,3 +438,10 @@ def test_loading_imports_no_dynamo(tiny_ckpt):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_generate_equal_length_prompts_equals_argmax_loop(tiny):
+    """Prompts of one length take the one-prefill path (the prefill's last_only logits give the first token)."""
+    model, _ = tiny
+    prompts = [[1, 17, 250, 3], [1, 8, 6, 120]]
+    assert generate(model, prompts, max_new_tokens=5) == [argmax_loop(model, p, 5) for p in prompts]
