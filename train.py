@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 import data
 import mor
-from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, setup_distributed, tokenizer_path, \
-    under_torchrun
+from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, setup_distributed, \
+    tokenizer_path, under_torchrun
 
 METHODS = ("mor", "lora", "dora", "moelora", "moslora", "full")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
