@@ -6,8 +6,9 @@ Where this file differs from Meta's, and why:
 - RoPE rotates Meta's interleaved pairs (x[2i], x[2i+1]) with real cos/sin instead of complex numbers
   (torch.compile cannot trace complex tensors), computed from the positions at every forward: there are no
   rope buffers to materialise after building on `meta`, and none for `model.to(bfloat16)` to round.
-- The KV cache is static (allocated once, written at `start_pos`, attended through a mask), so every decoding
-  step has the same shapes: friendly to torch.compile and CUDA graphs.
+- The KV cache is static (allocated once, written at each row's `start_pos`, attended through a mask). Eager
+  attention reads only the filled part rounded up to KV_BUCKET slots (shapes change once per 32 steps);
+  under torch.compile with a tensor position it reads the whole cache: one graph, friendly to CUDA graphs.
 - No model-parallel layers: Meta's model-parallel shards are merged once, at load time.
 
     python llama.py --ckpt_dir path/to/llama-2-7b --prompt "Once upon a time"
