@@ -313,12 +313,14 @@ class Transformer(nn.Module):
     def _cache_positions(self, B: int, T: int, start_pos, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [B, T] and the attention mask [B, 1, T, S] over the first S cache slots: the filled part
         rounded up to KV_BUCKET (attention cost follows the filled length, while shapes change only once per
-        bucket, so a compiled step has one graph per bucket). Under torch.compile a tensor start_pos is not
-        read on the host: S is the whole cache (one graph for every step, as a static cache intends)."""
+        bucket, so a compiled step has one graph per bucket). Under torch.compile or CUDA-graph capture a tensor
+        start_pos is not read on the host: S is the whole cache (one graph for every step, as a static cache
+        intends)."""
         if self.cache_size is None:
             raise RuntimeError("forward(tokens, start_pos) needs a KV cache: call setup_cache() first")
         start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)   # [1, 1] or [B, 1]
-        if torch.compiler.is_compiling() and isinstance(start_pos, torch.Tensor):
+        traced = torch.compiler.is_compiling() or (start.is_cuda and torch.cuda.is_current_stream_capturing())
+        if traced and isinstance(start_pos, torch.Tensor):   # no host read while compiling or capturing a CUDA graph
             end = self.cache_size[1]
         else:
             end = int(start_pos) if isinstance(start_pos, int) else int(start.max()) if start.numel() else 0
