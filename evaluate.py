@@ -680,7 +680,7 @@ def evaluate_tasks(model, tokenizer, tasks, data_dir: str, limit: int | None = N
         routers = router_layers(model, router_layer) if router_layer is not None else {}
         for m in routers.values():
             m.router_sum.zero_()
-            m.router_count = 0
+            m.router_count.zero_()
             m.record_router = True
         try:
             records = _gather(task_records(model, tokenizer, task, items[rank::world], batch_size, share_prefix))
@@ -691,7 +691,7 @@ def evaluate_tasks(model, tokenizer, tasks, data_dir: str, limit: int | None = N
         if bad:
             metrics["skipped_bad_rows"] = bad
         if routers:   # sum the weights and token counts of all ranks, then divide
-            parts = _gather([{name: (m.router_sum.tolist(), m.router_count) for name, m in routers.items()}])
+            parts = _gather([{name: (m.router_sum.tolist(), int(m.router_count)) for name, m in routers.items()}])
             metrics["router"] = {name: [sum(p[name][0][e] for p in parts) / max(sum(p[name][1] for p in parts), 1)
                                         for e in range(len(m.router_sum))] for name, m in routers.items()}
         metrics["time_s"] = round(time.time() - t0, 2)

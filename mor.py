@@ -11,12 +11,12 @@ Where the equations of §3 live:
     eq. 6      MoRLinear docstring (the general transformed LoRA Λ_B B Λ_Bᵀ Λ_A A Λ_Aᵀ)
     eq. 7, 8   MoRLinear.__init__ (the diagonal scalings are the rows of omega_A / omega_B)
     eq. 9      MoRLinear.direction (a single transformed LoRA; N = 1)
-    eq. 10     MoRLinear.direction (the direction D_i)
-    eq. 11     route (the softmax router G(x) = softmax(W_r x))
-    eq. 12     MoRLinear.forward (the mixture Σ_i G_i(x) D_i x)
-    eq. 13     MoRLinear.forward (out = self.base(x)); AdapterLinear docstring: o = W x + ΔW x, W frozen
+    eq. 10     MoRLinear.direction (D_i as a matrix); MoRLinear.reference (D_i x, one expert at a time)
+    eq. 11     gate (the softmax router G(x) = softmax(W_r x)); route also records it for the loss and Fig. 7
+    eq. 12     MoRLinear.reference (the mixture Σ_i G_i(x) D_i x, literally)
+    eq. 13     MoRLinear.reference / forward (out = self.base(x)); AdapterLinear docstring: o = W x + ΔW x
     eq. 14     MoRLinear.__init__ (λ_A, λ_B stacked into Ω_A ∈ R^{N×r}, Ω_B ∈ R^{N×d_out})
-    eq. 15     MoRLinear.forward and TiedUp (the stacked, one-matmul form of Fig. 3)
+    eq. 15     MoRLinear.forward, under "fast path": tied_up (B̃), StackedMixture (the one-GEMM form of Fig. 3)
     Table 2    python mor.py --params params.json (trainable-parameter formulas)
     Table 4    MoRLinear(router="learned" | "mean" | "balanced")
 
@@ -113,11 +113,6 @@ class AdapterLinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
-def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in dtype; when it already is, x itself without a call into torch (a dispatch per layer adds up)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float, shape: tuple) -> torch.Tensor:
     """out += scale · z upᵀ, in place, as one GEMM with beta = 1 (addmm_); returns it viewed as `shape`.
 
@@ -143,28 +138,40 @@ def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
     return N * (f * P).sum()
 
 
-def route(layer: nn.Module, logits: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """Router weights G(x) ∈ R^{tokens×N} in fp32 (fp64 for an fp64 x), for MoR and MoELoRA (eq. 11, Table 4).
+def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Router weights G(x) ∈ R^{tokens×N} (eq. 11, Table 4), in `dtype`, by default fp32 for bf16 safety (fp64
+    for an fp64 x).
 
-    "learned" / "balanced": eq. 11, G_i(x) = exp(h_i) / Σ_j exp(h_j) with h(x) = W_r x on the undropped x
-    (softmax in fp32 for bf16 safety). "mean": G_i = 1/N, no router parameters.
-    Side effects: sets layer.aux_loss ("balanced" in training mode, else None) and, when
-    layer.record_router, accumulates router_sum / router_count (paper Fig. 7).
+    "learned" / "balanced": G_i(x) = exp(h_i) / Σ_j exp(h_j), h = W_r x (logits: tokens × N, on the undropped x).
+    "mean" (logits None): G_i = 1/N, no router parameters.
     """
-    N = layer.num_experts
-    tokens = x.numel() // x.shape[-1]
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 for bf16 safety; fp64 stays fp64
-    if layer.router_kind == "mean":
-        G = torch.full((tokens, N), 1.0 / N, device=x.device, dtype=dt)
-    else:
-        G = torch.softmax(logits.reshape(tokens, N), dim=-1, dtype=dt)  # eq. 11
+    dt = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if logits is None:
+        return torch.full((x.shape[0], num_experts), 1.0 / num_experts, device=x.device, dtype=dt)
+    return torch.softmax(logits, dim=-1, dtype=dt)
+
+
+def note_routing(layer: nn.Module, G: torch.Tensor) -> None:
+    """What a layer keeps of its routing: the Switch balance loss of this forward (router="balanced", training)
+    as layer.aux_loss, and, when layer.record_router, the running sums behind Fig. 7 (router_sum / router_count).
+
+    aux_loss is a tensor of this step's graph: read it (balance_loss) in the same step, before the next forward,
+    which also holds under CUDA-graph replay, where the next replay overwrites it.
+    """
     aux = balance_aux_loss(G) if layer.router_kind == "balanced" and layer.training else None
     if aux is not None or layer.aux_loss is not None:  # nn.Module.__setattr__ is slow: skip None -> None
         layer.aux_loss = aux
     if layer.record_router:
-        with torch.no_grad():
-            layer.router_sum += G.sum(0).to(layer.router_sum.device)
-            layer.router_count += tokens
+        with torch.no_grad():  # buffers updated in place, no Python number: a compiled block does not recompile
+            layer.router_sum += G.sum(0).to(layer.router_sum.dtype)
+            layer.router_count += G.shape[0]
+
+
+def route(layer: nn.Module, logits: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """G(x) of eq. 11 for MoR / MoELoRA (`gate`), noted by `note_routing`. x, logits: flattened to tokens."""
+    G = gate(logits, layer.num_experts, x)
+    note_routing(layer, G)
     return G
 
 
@@ -179,71 +186,7 @@ def init_router(layer: nn.Module, router: str, num_experts: int, fk: dict) -> No
     layer.aux_loss = None
     layer.record_router = False
     layer.register_buffer("router_sum", torch.zeros(num_experts, device=fk["device"]), persistent=False)
-    layer.router_count = 0
-
-
-class DroppedLinear(torch.autograd.Function):
-    """F.linear(F.dropout(x, p), A) that keeps x and the 1-byte dropout mask for the backward, not drop(x).
-
-    Why (MoR): the router reads the undropped x and keeps it for its own weight gradient anyway, so the
-    dropped copy that autograd would also keep for ∂L/∂A is a second tokens × d_in activation per layer.
-    Here drop(x) = x ⊙ mask / (1 - p) is recomputed in the backward instead (one elementwise pass).
-    The mask is F.dropout's own (torch.native_dropout is what F.dropout runs), so the RNG stream is the same.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
-        h, keep = torch.native_dropout(x, p, True)
-        ctx.save_for_backward(x, keep, A)
-        ctx.scale = 1.0 / (1.0 - p)
-        return F.linear(h, A)
-
-    @staticmethod
-    def backward(ctx, ga: torch.Tensor):
-        x, keep, A = ctx.saved_tensors
-        masked = torch.ops.aten.native_dropout_backward  # t ⊙ keep · scale in one kernel: dropout's own backward
-        gx = gA = None
-        if ctx.needs_input_grad[1]:  # first, so that drop(x) is freed before gx is made
-            h = masked(x, keep, ctx.scale)  # drop(x) again
-            gA = ga.reshape(-1, ga.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-            del h
-        if ctx.needs_input_grad[0]:
-            gx = masked(ga @ A, keep, ctx.scale)
-        return gx, gA, None
-
-
-class TiedUp(torch.autograd.Function):
-    """(α/r) B̃ ∈ R^{d_out×N·r} in `dtype`, B̃[:, i·r + j] = Ω_B[i] ⊙ B[:, j] · Ω_A[i, j] (eq. 15 stacked, Ω_A
-    folded in), keeping only B, Ω_A, Ω_B for the backward.
-
-    Why: autograd would keep the fp32 (d_out, N, r) intermediate of the two products for every layer (as
-    large as B̃ itself, 2.8 MB per 7B w1 layer); the backward recomputes the one product it needs instead.
-    The last product writes the compute dtype directly (no separate fp32 B̃ and cast).
-    """
-
-    @staticmethod
-    def forward(ctx, B: torch.Tensor, omega_A: torch.Tensor, omega_B: torch.Tensor, scale: float,
-                dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(B, omega_A, omega_B)
-        ctx.scale = scale
-        (d_out, r), N = B.shape, omega_A.shape[0]
-        # B (d_out, 1, r) first: the product is laid out contiguously, so the reshape is a view, not a copy
-        BA = B[:, None, :] * (scale * omega_A)
-        out = torch.empty(d_out, N, r, device=B.device, dtype=dtype)
-        return torch.mul(BA, omega_B.t()[:, :, None], out=out).view(d_out, N * r)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        B, omega_A, omega_B = ctx.saved_tensors
-        (d_out, r), N = B.shape, omega_A.shape[0]
-        g = g.view(d_out, N, r)
-        gB = g * (ctx.scale * omega_B.t()[:, :, None])  # ∂/∂(B ⊙ Ω_A) · α/r, fp32 by type promotion
-        dB = (gB * omega_A).sum(1) if ctx.needs_input_grad[0] else None
-        dA = (gB * B[:, None, :]).sum(0) if ctx.needs_input_grad[1] else None
-        dOB = None
-        if ctx.needs_input_grad[2]:
-            dOB = (g * (B[:, None, :] * (ctx.scale * omega_A))).sum(2).t()
-        return dB, dA, dOB, None, None
+    layer.register_buffer("router_count", torch.zeros((), dtype=torch.int64, device=fk["device"]), persistent=False)
 
 
 def init_lora_A(A: torch.Tensor) -> None:
@@ -282,7 +225,7 @@ class LoRALinear(AdapterLinear):
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
         out = self.base(x2)
         dt = out.dtype  # the compute dtype (see the module doc)
-        a = F.linear(self.dropout(cast(x2, dt)), self.lora_A.to(dt))
+        a = F.linear(self.dropout(x2.to(dt)), self.lora_A.to(dt))
         return add_update(out, a, self.up().to(dt), self.scale, (*x.shape[:-1], self.out_features))
 
 
@@ -320,11 +263,11 @@ class DoRALinear(LoRALinear):
         dt = out.dtype
         g = self.magnitude / self.weight_norm()  # (d_out,)
         if self.dropout_active():
-            h = self.dropout(cast(x2, dt))
+            h = self.dropout(x2.to(dt))
             wx = F.linear(h, self.base.weight)
         else:
-            h = cast(x2, dt)
-            wx = out if self.base.bias is None else out - cast(self.base.bias, dt)
+            h = x2.to(dt)
+            wx = out if self.base.bias is None else out - self.base.bias.to(dt)
         a = F.linear(h, self.lora_A.to(dt))
         # g - 1 before rounding to dt: g is ~1, where bf16's step (2^-8) would swallow a small change of m
         # g ⊙ s·B A h = s · (diag(g) B) A h: fold g into B (d_out×r) rather than scaling tokens×d_out
@@ -398,7 +341,7 @@ class MoELoRALinear(AdapterLinear):
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
         dt = out.dtype
-        xa = cast(x2, dt)
+        xa = x2.to(dt)
         a = F.linear(self.dropout(xa), self.lora_A.reshape(N * r, -1).to(dt))  # (tokens, N·r)
         logits = F.linear(xa, self.router.weight.to(dt)) if self.router is not None else None
         G = route(self, logits, xa).to(dt)  # (tokens, N)
@@ -413,39 +356,18 @@ class MoELoRALinear(AdapterLinear):
 class MoRLinear(AdapterLinear):
     """Mixture of Ranks (paper §3): one shared LoRA (A, B) seen through N learned diagonal scalings.
 
-    eq. 6 (the idea): a transformed LoRA B'A' = Λ_B B Λ_Bᵀ Λ_A A Λ_Aᵀ reaches a higher-rank subspace;
-    absorbing Λ_Bᵀ and Λ_A and moving Λ_Aᵀ into the router leaves Λ_B B Λ_A A (eqs. 7–9).
-    Expert i is the direction D_i = (α/r) diag(Ω_B[i]) B diag(Ω_A[i]) A (eq. 10), mixed by the router
-    G(x) = softmax(W_r x) (eq. 11):
+    eq. 6 (the idea): a transformed LoRA Λ_B B Λ_Bᵀ Λ_A A Λ_Aᵀ reaches a higher-rank subspace; absorbing
+    Λ_Bᵀ and Λ_A and moving Λ_Aᵀ into the router leaves Λ_B B Λ_A A (eqs. 7–9). Expert i is the direction
+    D_i = (α/r) diag(Ω_B[i]) B diag(Ω_A[i]) A (eq. 10), mixed per token by G(x) = softmax(W_r x) (eq. 11):
 
-        o = W x + (α/r) Σ_i G_i(x) · Ω_B[i] ⊙ (B (Ω_A[i] ⊙ (A · drop(x))))       (eqs. 12, 15)
+        o = W x + (α/r) Σ_i G_i(x) · Ω_B[i] ⊙ (B (Ω_A[i] ⊙ (A · drop(x))))       (eqs. 12, 13)
 
-    Parameters (names of the paper): lora_A (r×d_in), lora_B (d_out×r), omega_A (N×r), omega_B (N×d_out),
-    router = W_r = nn.Linear(d_in, N, bias=False) (absent for router="mean").
-    Trainable: r(d_in + d_out) + N(d_in + d_out + r) = 2dr + N(2d + r) (Table 2).
-
-    Why the forward is one matmul (Fig. 3's "vector stack", made exact): eq. 15 is a LoRA of rank N·r with
-    tied factors. With z = G(x) ⊗ (A x) ∈ R^{N·r} (z[i·r + j] = G_i (A x)_j) and
-    B̃ = [diag(Ω_B[1]) B diag(Ω_A[1]), …, diag(Ω_B[N]) B diag(Ω_A[N])] ∈ R^{d_out×N·r}, the sum over
-    experts is the inner product of that matmul: ΔW x = (α/r) B̃ z. So the cost is A x (r·d_in),
-    W_r x (N·d_in), one outer product of N·r numbers per token, and a single GEMM into d_out, instead of
-    N GEMMs and a (tokens, N, d_out) tensor that a per-expert loop would write and read. Ω_A sits in B̃,
-    not in z: building B̃ costs d_out·N·r once per forward, independent of tokens, whereas scaling z
-    would cost a pass over tokens × N·r (the α/r scale is folded into B̃ for the same reason). The add
-    into W x rides in the GEMM's beta (in place, see add_update), so ΔW x is never stored on its own.
-    Training memory: with dropout on, x rather than drop(x) is kept for the backward (DroppedLinear),
-    since the router keeps x anyway; B̃'s fp32 intermediates are recomputed, not kept (TiedUp).
-
-    Init (Table 2: A, R ~ random, B = 0): A kaiming-uniform(a=√5) as PEFT, router nn.Linear's default,
-    B = 0, Ω_A = Ω_B = 1, so at step 0 the layer equals the base and every expert is the same LoRA.
-    (The paper leaves Ω's init open. Ω_B must not start at 0 together with B = 0: ∂L/∂B ∝ Ω_B and
-    ∂L/∂Ω_B ∝ B, so neither would ever move.)
-
-    Eval mode with gradients off caches B̃ and the fused [A; W_r] (invalidated by train() and eval(), .to(),
-    and any in-place update of a parameter, which bumps its version counter; an update through `.data`
-    bypasses that counter, so call eval() again after one), so decoding costs one rank-N·r LoRA plus
-    the router.
-    MoR cannot be merged into W (the paper's stated limitation): G depends on x.
+    Parameters (the paper's names): lora_A (r×d_in), lora_B (d_out×r), omega_A (N×r), omega_B (N×d_out),
+    router = W_r = nn.Linear(d_in, N, bias=False) (absent for router="mean"). Trainable: 2dr + N(2d + r).
+    Init (Table 2: A, R random, B = 0): A kaiming-uniform(a=√5) as PEFT, router nn.Linear's default, B = 0,
+    Ω_A = Ω_B = 1: at step 0 the layer is the base and every expert the same LoRA. (The paper leaves Ω's
+    init open; Ω_B must not start at 0 with B = 0: ∂L/∂B ∝ Ω_B and ∂L/∂Ω_B ∝ B would both stay 0.)
+    Not mergeable into W (the paper's stated limitation): G depends on x.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 8,
@@ -463,38 +385,45 @@ class MoRLinear(AdapterLinear):
         self._cache = None
 
     def direction(self, i: int) -> torch.Tensor:
-        """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix, for analysis.
-
-        With N = 1 this is eq. 9's single transformed LoRA (α/r) Λ_B B Λ_A A.
-        """
+        """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix, for analysis (N = 1: eq. 9)."""
         return self.scale * (self.omega_B[i][:, None] * self.lora_B * self.omega_A[i]) @ self.lora_A
 
     def merge(self) -> None:
         raise RuntimeError("MoR cannot be merged into W: the router weights G(x) depend on each input "
                            "(the paper's stated limitation). In eval mode MoRLinear caches B̃ instead.")
 
-    def up_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """(α/r) B̃ = (α/r) [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r} in dtype (eq. 15 stacked; TiedUp)."""
-        return TiedUp.apply(self.lora_B, self.omega_A, self.omega_B, self.scale, dtype)
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """MoR as the paper writes it (eqs. 10–13), one expert at a time: the definition `forward` is tested against."""
+        x2 = x.reshape(-1, self.in_features)
+        out = self.base(x2)  # eq. 13: W x (+ b), frozen
+        dt = out.dtype  # adapters compute in the base output's dtype (module doc)
+        x2 = x2.to(dt)
+        A, B, omega_A, omega_B = (p.to(dt) for p in (self.lora_A, self.lora_B, self.omega_A, self.omega_B))
+        h = self.dropout(x2)  # drop(x): the adapter's input only, not the router's
+        logits = F.linear(x2, self.router.weight.to(dt)) if self.router is not None else None
+        G = route(self, logits, x2).to(dt)  # eq. 11: G(x) = softmax(W_r x), (tokens, N)
+        for i in range(self.num_experts):
+            # eq. 10: D_i x = (α/r) Ω_B[i] ⊙ (B (Ω_A[i] ⊙ (A drop(x))))
+            D_i_x = self.scale * omega_B[i] * F.linear(omega_A[i] * F.linear(h, A), B)
+            out = out + G[:, i:i + 1] * D_i_x  # eq. 12: Σ_i G_i(x) D_i x
+        return out.view(*x.shape[:-1], self.out_features)
 
-    def down_weight(self) -> torch.Tensor:
-        """[A; W_r] ((r+N)×d_in): one GEMM for A x and W_r x when dropout is off (both read the same x)."""
-        return self.lora_A if self.router is None else torch.cat([self.lora_A, self.router.weight])
-
-    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, (α/r) B̃) in the compute dtype; cached in eval mode with gradients off (see class doc)."""
-        use_cache = not torch.compiler.is_compiling() and not self.training and not torch.is_grad_enabled()
-        # the parameters read by attribute on every call (cheap, and a replaced Parameter is seen); the device is
-        # covered by _apply (.to(), .cuda()) and by data_ptr
-        params = (self.lora_A, self.lora_B, self.omega_A, self.omega_B) + (
-            (self.router.weight,) if self.router is not None else ())
-        # tensors made under torch.inference_mode() have no version counter to key on: no cache for them
-        if not use_cache or any(p.is_inference() for p in params):
-            return self.down_weight().to(dtype), self.up_weight(dtype)
-        key = (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, (self.down_weight().to(dtype), self.up_weight(dtype)))
-        return self._cache[1]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same numbers as `reference`, computed as one rank-N·r GEMM (eq. 15, Fig. 3); why below."""
+        x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
+        out = self.base(x2)  # eq. 13: W x (+ bias), frozen
+        dt = out.dtype
+        x2 = x2.to(dt)
+        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            down, up = cached_weights(self, dt)  # decoding: B̃ and [A; W_r] built once, not per token
+            z, G = stacked_codes(self, F.linear(x2, down))
+        else:
+            p = self.dropout.p if self.dropout_active() else 0.0
+            W_r = self.router.weight if self.router is not None else None
+            z, G, up = StackedMixture.apply(x2, self.lora_A, W_r, self.lora_B, self.omega_A, self.omega_B, p, self.scale)
+        note_routing(self, G)
+        # eqs. 12, 15: Σ_i G_i(x) D_i x = (α/r) B̃ z, added into W x by one GEMM (α/r is already in `up`)
+        return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
 
     def train(self, mode: bool = True) -> MoRLinear:
         self._cache = None
@@ -504,27 +433,127 @@ class MoRLinear(AdapterLinear):
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, r = self.num_experts, self.r
-        x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
-        out = self.base(x2)  # eq. 13: W x (+ bias), frozen
-        dt = out.dtype  # the compute dtype (see the module doc)
-        xa = cast(x2, dt)
-        if self.dropout_active():
-            # A · drop(x), keeping x (which the router keeps anyway) rather than drop(x) for the backward
-            a = DroppedLinear.apply(xa, self.lora_A.to(dt), self.dropout.p)
-            # the router sees the undropped x
-            logits = F.linear(xa, self.router.weight.to(dt)) if self.router is not None else None
-            up = self.up_weight(dt)
+
+# -----------------------------------------------------------------------------
+# fast path: same math as `reference`
+#
+# eq. 15 is a LoRA of rank N·r with tied factors. With the codes z = G(x) ⊗ (A x) ∈ R^{N·r}
+# (z[i·r + j] = G_i (A x)_j) and B̃ = [diag(Ω_B[1]) B diag(Ω_A[1]), …, diag(Ω_B[N]) B diag(Ω_A[N])] ∈ R^{d_out×N·r},
+# the sum over experts is the inner product of one GEMM: Σ_i G_i D_i x = (α/r) B̃ z. So MoR costs A x and W_r x
+# (one GEMM when dropout is off), an outer product of N·r numbers per token and one GEMM into d_out, instead of
+# N GEMMs and a (tokens, N, d_out) tensor. Ω_A and α/r sit in B̃ (d_out·N·r work, independent of tokens), not in z.
+#
+#   x ──┬── W ─────────────────────────────────────────┐
+#       ├── drop ── A ──┐                              + ── o
+#       └── W_r ── softmax ── G ⊗ (A x) = z ── B̃ ───────┘
+
+def tied_up(B: torch.Tensor, omega_A: torch.Tensor, omega_B: torch.Tensor, scale: float,
+            dtype: torch.dtype) -> torch.Tensor:
+    """(α/r) B̃ ∈ R^{d_out×N·r} in `dtype`: B̃[:, i·r + j] = Ω_B[i] ⊙ B[:, j] · Ω_A[i, j] (eq. 15 stacked)."""
+    (d_out, r), N = B.shape, omega_A.shape[0]
+    BA = B[:, None, :] * (scale * omega_A)  # (d_out, N, r): laid out so that the view below is free
+    out = torch.empty(d_out, N, r, device=B.device, dtype=dtype)  # the last product writes the compute dtype
+    return torch.mul(BA, omega_B.t()[:, :, None], out=out).view(d_out, N * r)
+
+
+def stacked_codes(layer: nn.Module, a_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, G) from [A x, W_r x] (tokens × (r + N)): G of eq. 11 and z = G ⊗ (A x) (tokens × N·r, eq. 15)."""
+    r, N = layer.r, layer.num_experts
+    a, logits = a_logits[:, :r], (a_logits[:, r:] if layer.router is not None else None)
+    G = gate(logits, N, a, a.dtype)
+    return (G[:, :, None] * a[:, None, :]).reshape(-1, N * r), G
+
+
+def down_factors(A: torch.Tensor, W_r: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[A; W_r] ((r + N) × d_in) in `dtype`: A x and W_r x read the same x, so they are one GEMM."""
+    if W_r is None:
+        return A.to(dtype)
+    return torch.cat([A, W_r], out=torch.empty(A.shape[0] + W_r.shape[0], A.shape[1], dtype=dtype, device=A.device))
+
+
+def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """([A; W_r], (α/r) B̃) in eval mode with gradients off, rebuilt only when a parameter changed.
+
+    Keyed on each parameter's version counter (bumped by in-place updates such as an optimizer step), data
+    pointer and dtype; dropped by train(), eval() and .to(). An update through `.data` bypasses the counter:
+    call eval() again after one. Parameters made under torch.inference_mode() have no counter: no cache.
+    """
+    W_r = layer.router.weight if layer.router is not None else None
+    params = (layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B) + ((W_r,) if W_r is not None else ())
+    build = lambda: (down_factors(layer.lora_A, W_r, dtype),  # noqa: E731
+                     tied_up(layer.lora_B, layer.omega_A, layer.omega_B, layer.scale, dtype))
+    if any(p.is_inference() for p in params):
+        return build()
+    key = (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+    if layer._cache is None or layer._cache[0] != key:
+        layer._cache = (key, build())
+    return layer._cache[1]
+
+
+class StackedMixture(torch.autograd.Function):
+    """(z, G, (α/r) B̃) for `MoRLinear.forward`: the router, the codes and B̃ as one autograd node.
+
+    Why by hand: plain autograd runs ~2.4× LoRA's kernels per layer (each small op is a node and a launch
+    on a GPU), keeps drop(x) besides x, and B̃'s fp32 intermediate. Here the backward keeps x, the 1-byte
+    dropout mask, A x (tokens × r), G (tokens × N) and [A; W_r] in the compute dtype, and recomputes drop(x)
+    and B̃'s intermediate. G is in the compute dtype (softmax kernels accumulate in fp32 anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
+        dt, r, N = x.dtype, A.shape[0], omega_A.shape[0]
+        down = down_factors(A, W_r, dt)
+        keep = None
+        if p > 0:  # the mask is F.dropout's own (native_dropout): same RNG stream as `reference`
+            h, keep = torch.native_dropout(x, p, True)
+            a = F.linear(h, down[:r])
+            logits = F.linear(x, down[r:]) if W_r is not None else None  # the router reads the undropped x
         else:
-            down, up = self.weights(dt)
-            a_logits = F.linear(xa, down)  # A x and W_r x in one GEMM
-            a, logits = a_logits[:, :r], (a_logits[:, r:] if self.router is not None else None)
-        G = route(self, logits, xa).to(dt)  # eq. 11: (tokens, N)
-        # eq. 15: z = G ⊗ (A x), the N experts' rank-r codes side by side (each expert's Ω_A is in B̃)
-        z = (G[:, :, None] * a[:, None, :]).reshape(-1, N * r)
-        # eqs. 12, 15: Σ_i G_i(x) D_i x = (α/r) B̃ z, added into W x by one GEMM (α/r is already in `up`)
-        return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
+            a_logits = F.linear(x, down)  # A x and W_r x in one GEMM
+            a, logits = a_logits[:, :r], (a_logits[:, r:] if W_r is not None else None)
+        G = gate(logits, N, x, dt)
+        ctx.save_for_backward(x, keep, a, G, down, B, omega_A, omega_B)
+        ctx.p, ctx.scale, ctx.router = p, scale, W_r is not None
+        ctx.set_materialize_grads(False)  # G's gradient is None unless a balance loss used it
+        return (G[:, :, None] * a[:, None, :]).reshape(-1, N * r), G, tied_up(B, omega_A, omega_B, scale, dt)
+
+    @staticmethod
+    def backward(ctx, gz, gG, gup):
+        x, keep, a, G, down, B, omega_A, omega_B = ctx.saved_tensors
+        (r, N), s = (a.shape[1], G.shape[1]), ctx.scale
+        if gz is None or gup is None:  # only a balance loss was differentiated (a test's case, not training's)
+            gz = a.new_zeros(a.shape[0], N * r) if gz is None else gz
+            gup = B.new_zeros(B.shape[0], N * r, dtype=a.dtype) if gup is None else gup
+        # z = G ⊗ a: ∂a = Σ_i G_i ∂z_i, ∂G_i = ∂z_i · a (two batched products over tokens)
+        gz = gz.view(-1, N, r)
+        ga = torch.bmm(G[:, None, :], gz).squeeze(1)
+        glogits = None
+        if ctx.router:
+            gGz = torch.bmm(gz, a[:, :, None]).squeeze(2)
+            gGz = gGz if gG is None else gGz + gG
+            glogits = torch._softmax_backward_data(gGz, G, -1, G.dtype)  # softmax's own backward, one kernel
+        # [A; W_r] read drop(x) and x: the weight gradients and x's
+        if keep is None:
+            g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
+            g_down, gx = g_al.t() @ x, g_al @ down
+            gA, gW = g_down[:r], (g_down[r:] if ctx.router else None)
+        else:
+            masked = torch.ops.aten.native_dropout_backward  # t ⊙ keep / (1 - p): dropout's own backward
+            gA = ga.t() @ masked(x, keep, 1.0 / (1.0 - ctx.p))  # drop(x) again, freed at once
+            gx = masked(ga @ down[:r], keep, 1.0 / (1.0 - ctx.p))
+            gW = None
+            if ctx.router:
+                gW = glogits.t() @ x
+                gx = gx.addmm_(glogits, down[r:])
+        # B̃[o, i, j] = s Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other two, as a batched
+        # GEMM over the experts or rows (fp32 from here, by type promotion)
+        g3 = gup.view(-1, N, r)
+        R = (g3 * (s * B)[:, None, :]).transpose(0, 1)  # (N, d_out, r)
+        gOB = torch.bmm(R, omega_A[:, :, None]).squeeze(2)  # Σ_j
+        gOA = torch.bmm(omega_B[:, None, :], R).squeeze(1)  # Σ_o
+        gB = torch.bmm(omega_B.t()[:, None, :], g3 * (s * omega_A)).squeeze(1)  # Σ_i
+        # gradients in the compute dtype are cast to each fp32 parameter's dtype by autograd
+        return gx, gA, gW, gB, gOA, gOB, None, None
 
 
 # -----------------------------------------------------------------------------

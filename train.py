@@ -412,6 +412,7 @@ def build_sharded(cfg: TrainConfig, adapter: str | None, device: torch.device, b
     for m in model.modules():   # non-persistent buffers are not in state dicts: to_empty left them undefined
         if hasattr(m, "router_sum"):
             m.router_sum.zero_()
+            m.router_count.zero_()
     return model
 
 

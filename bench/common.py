@@ -189,18 +189,55 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 def count_ops(fn: Callable[[], object]) -> int:
     """Dispatcher-level aten ops that fn() runs (forward and backward): each is a kernel launch or more on a
     GPU, so this counts the per-op overhead that dominates small adapters in eager mode."""
+    return count_kernels(fn)[0]
+
+
+# ops that only make a view or an empty tensor: dispatched, but no kernel runs on a GPU
+NO_KERNEL = {"aten::" + n for n in (
+    "view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "slice", "select", "squeeze",
+    "unsqueeze", "as_strided", "alias", "detach", "_unsafe_view", "split", "split_with_sizes", "unbind",
+    "narrow", "empty", "empty_like", "empty_strided", "new_empty_strided", "new_empty", "resolve_conj", "resolve_neg", "lift_fresh", "to",
+    "_to_copy_view", "view_as", "expand_as", "numpy_T", "chunk", "contiguous", "result_type")}
+
+
+def count_kernels(fn: Callable[[], object]) -> tuple[int, int]:
+    """(ops, kernels) that fn() runs, forward and backward: ops = outermost aten ops (see count_ops), kernels =
+    the outermost aten ops that compute anything (views, allocations and same-dtype .to() left out): about one
+    GPU launch each. Counting the CPU's innermost ops instead would add the CPU's own helpers (a mixed-dtype
+    mul converts its input first, a sum fills its output first) that a GPU kernel does in one launch."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    n = 0
+
+    def computes(e) -> bool:  # a view-like op computes only if it calls one that does (.to() a new dtype)
+        return e.name not in NO_KERNEL or any(computes(c) for c in e.cpu_children if c.name.startswith("aten::"))
+    ops = kernels = 0
     for e in prof.events():
         if not e.name.startswith("aten::"):
             continue
         p = e.cpu_parent
         while p is not None and not p.name.startswith("aten::"):
             p = p.cpu_parent
-        n += p is None  # outermost aten op only: its callees are part of the same op
-    return n
+        if p is None:  # outermost
+            ops += 1
+            kernels += computes(e)
+    return ops, kernels
+
+
+def saved_bytes(forward: Callable[[], object], exclude=()) -> int:
+    """Bytes that autograd keeps for the backward while forward() runs (distinct storages), leaving out the
+    storages of `exclude` (parameters, the frozen weight, the input: resident anyway)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return tensor_bytes(saved)
 
 
 def tensor_bytes(tensors) -> int:

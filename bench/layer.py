@@ -8,9 +8,9 @@ inside a model: the frozen base still runs its input-gradient GEMM in the backwa
 Every row is timed in the same process, round-robin, each call right after a call of the frozen base
 (see bench/common.py); "time / base" is the median over rounds of (row / that base call), for the sum of
 both shapes; "(min / min)" the fastest row call over the fastest base call (contention only adds time). Adapter dropout is on
-(--dropout, the paper's 0.05) as in training. "MoR E8R8 naive" is eq. 12 as a loop over the 8 experts
-(A, B shared; each expert scales, projects to d_out and is weighted by G_i): the reference that the
-tied rank-N*r form of mor.py replaces. Before timing, its output and gradients are checked against
+(--dropout, the paper's 0.05) as in training. "MoR E8R8 naive" is `MoRLinear.reference`, eqs. 10-12 as
+a loop over the 8 experts (each computes its own D_i x and is weighted by G_i): the definition that the
+tied rank-N*r fast path of mor.py replaces. Before timing, its output and gradients are checked against
 mor.MoRLinear's on the timed (training, dropout) path.
 Peak memory: tensors allocated during forward+backward, plus the resident frozen weight, adapter
 parameters and input (CUDA: max_memory_allocated; CPU: profiler allocation events).
@@ -24,7 +24,6 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 from common import (add_device_args, count_ops, interleaved, machine, median, min_ratio, peak_bytes, print_table,
@@ -49,23 +48,6 @@ ROWS = [
 ]
 
 
-def naive_mor_forward(layer: mor.MoRLinear, x: torch.Tensor) -> torch.Tensor:
-    """eq. 12 as written: o = W x + Σ_i G_i(x) (α/r) Ω_B[i] ⊙ (B (Ω_A[i] ⊙ (A drop(x)))), one expert at a time.
-
-    The shared A drop(x) is computed once (any sane loop would); each expert then costs a rank-r GEMM into
-    d_out and elementwise work on a tokens x d_out tensor.
-    """
-    dt = x.dtype
-    out = layer.base(x)
-    a = F.linear(layer.dropout(x), layer.lora_A.to(dt))
-    G = torch.softmax(F.linear(x, layer.router.weight.to(dt)), dim=-1, dtype=torch.float32).to(dt)
-    B = layer.lora_B.to(dt)
-    for i in range(layer.num_experts):
-        d_i = F.linear(a * layer.omega_A[i].to(dt), B) * layer.omega_B[i].to(dt)  # D_i x (eq. 10)
-        out = out + (layer.scale * G[..., i:i + 1]) * d_i
-    return out
-
-
 def build(method, hyper: dict, base: nn.Linear, dropout: float, gen: torch.Generator):
     """The layer for one row (sharing the frozen base) and its forward function."""
     if method is None:
@@ -76,7 +58,7 @@ def build(method, hyper: dict, base: nn.Linear, dropout: float, gen: torch.Gener
             p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 1e-2)
     layer.train()
     if method == "naive":
-        return layer, (lambda x: naive_mor_forward(layer, x))
+        return layer, layer.reference
     return layer, layer
 
 
@@ -92,7 +74,7 @@ def check_naive(layer: mor.MoRLinear, x: torch.Tensor) -> float:
     results, tf32 = [], torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # true fp32 GEMMs: TF32's 10-bit mantissa would swamp 1e-4
     try:
-        for fwd in (ref, lambda t: naive_mor_forward(ref, t)):
+        for fwd in (ref, ref.reference):
             torch.manual_seed(1234)
             out = fwd(xs)
             results.append([out.detach(), *torch.autograd.grad(out, tensors, g)])

@@ -2,10 +2,19 @@
 
     python bench/profile_layer.py                      # CUDA if present: bf16 base, fp32 adapters, autocast
     python bench/profile_layer.py --tokens 4096 --rows 20
+    python bench/profile_layer.py --counts_only        # ops / kernels / saved bytes / tiny-shape time, no profile
+    python bench/profile_layer.py --compiled           # one compiled block: captures, graph breaks, kernels
 
-Prints, per method, the wall time of one fwd+bwd, the summed GPU kernel time (the device's own work), and
-the top ops by self device time. Wall well above kernel time means the layer is launch-bound (too many
-small ops for the GPU to be kept busy); kernel time well above the base's means real extra work.
+Default: per method, the wall time of one fwd+bwd, the summed kernel time (the device's own work), and the
+top ops by self device time. Wall well above kernel time means the layer is launch-bound (too many small ops
+for the GPU to be kept busy); kernel time well above the base's means real extra work.
+--counts_only: per fwd+bwd of two FFN linears (d_in -> d_out, then back), under bf16 autocast (the GPU's
+dtypes, also on the CPU), the dispatched ops, the kernels
+(outermost ops that compute, about one GPU launch each; bench/common.py count_kernels), the activations kept
+for the backward, and the median time at the given (small) shape, where per-op dispatch dominates.
+--compiled: the two linears and a ReLU as one torch.compile'd block (inductor), trained for --steps steps
+with router recording off and on: how many graphs were captured (1 = no recompile), graph breaks, and the
+compiled kernels and extern GEMM calls one fwd+bwd runs.
 """
 from __future__ import annotations
 
@@ -15,33 +24,123 @@ import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
-from common import add_device_args, setup_device, time_once, median
+from common import add_device_args, count_kernels, print_table, saved_bytes, setup_device, time_once, median
 import mor
+
+METHODS = {"frozen base": None, "LoRA R8": ("lora", {}), "MoR E8R8": ("mor", dict(num_experts=8)),
+           "MoELoRA E8R8": ("moelora", dict(num_experts=8))}
+
+
+def make(spec, d_in: int, d_out: int, dropout: float, device, dtype) -> nn.Module:
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False).to(device, dtype).requires_grad_(False)
+    if spec is None:
+        return base
+    method, hyper = spec
+    return mor.METHODS[method](base, r=8, alpha=32, dropout=dropout, **hyper).train()
+
+
+def two_linears(spec, args, device, dtype) -> nn.Sequential:
+    return nn.Sequential(make(spec, args.d_in, args.d_out, args.dropout, device, dtype), nn.ReLU(),
+                         make(spec, args.d_out, args.d_in, args.dropout, device, dtype))
+
+
+def counts(args, device, dtype) -> None:
+    x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype)
+    rows, times = [], {}
+    for label, spec in METHODS.items():
+        block = two_linears(spec, args, device, dtype)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):  # the GPU's dtypes, also on the CPU
+                y = block(x)
+            y.backward(g)
+            for t in [x, *block.parameters()]:  # as zero_grad(set_to_none=True): no accumulation counted
+                t.grad = None
+        for _ in range(3):
+            step()
+        ops, kernels = count_kernels(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            kept = saved_bytes(lambda: block(x), exclude=[x, *block.parameters()])
+        times[label] = median([time_once(step, device) for _ in range(args.repeats)])
+        rows.append([label, ops, kernels, f"{kept / 2**20:.2f}", f"{1e3 * times[label]:.3f}"])
+    for r in rows:
+        r.append(f"{times[r[0]] / times['LoRA R8']:.2f}")
+    print(f"two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, {str(dtype)[6:]} weights, "
+          f"bf16 autocast, "
+          f"dropout {args.dropout}, fwd+bwd")
+    print_table(["method", "ops", "kernels", "saved MiB", "ms", "time / LoRA"], rows)
+
+
+def compiled(args, device, dtype) -> None:
+    import torch._dynamo
+    import torch._inductor.config
+    torch._inductor.config.cpp.enable_kernel_profile = True  # CPU: name each C++ kernel in the profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = []
+    for label, spec in list(METHODS.items())[1:3]:
+        for record in (False, True):
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            block = two_linears(spec, args, device, dtype)
+            for m in block.modules():
+                if hasattr(m, "record_router"):
+                    m.record_router = record
+            frames = []
+
+            def backend(gm, example_inputs):  # counts captures, then compiles as inductor does
+                frames.append(gm)
+                from torch._inductor.compile_fx import compile_fx
+                return compile_fx(gm, example_inputs)
+            fn = torch.compile(block, backend=backend, dynamic=False)
+            x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
+
+            def step():
+                fn(x).sum().backward()
+            for _ in range(args.steps):
+                step()
+            with profile(activities=acts) as prof:
+                step()
+            names = [e.name for e in prof.events()]
+            fused = sum("cpp_fused" in n or n.startswith("triton_") for n in names)
+            gemms = sum(n in ("aten::mm", "aten::addmm", "aten::bmm") for n in names)
+            breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+            rows.append([label, "on" if record else "off", len(frames), breaks, fused, gemms])
+    print(f"compiled block (inductor), two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, "
+          f"{args.steps} training steps")
+    print_table(["method", "recording", "graphs", "graph breaks", "fused kernels", "GEMMs"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_device_args(ap)
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--d_in", type=int, default=4096)
-    ap.add_argument("--d_out", type=int, default=11008)
+    ap.add_argument("--tokens", type=int, default=None, help="default: 1024 (profile), 64 (counts, compiled)")
+    ap.add_argument("--d_in", type=int, default=None, help="default: 4096 (profile), 64 (counts, compiled)")
+    ap.add_argument("--d_out", type=int, default=None, help="default: 11008 (profile), 192 (counts, compiled)")
     ap.add_argument("--rows", type=int, default=12, help="top ops shown per method")
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=200, help="--counts_only: timed calls per method")
+    ap.add_argument("--steps", type=int, default=5, help="--compiled: training steps before the profile")
+    ap.add_argument("--counts_only", action="store_true")
+    ap.add_argument("--compiled", action="store_true")
     args = ap.parse_args(argv)
+    small = args.counts_only or args.compiled
+    args.tokens = args.tokens or (64 if small else 1024)
+    args.d_in = args.d_in or (64 if small else 4096)
+    args.d_out = args.d_out or (192 if small else 11008)
     device = setup_device(args)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    if args.counts_only:
+        return counts(args, device, dtype)
+    if args.compiled:
+        return compiled(args, device, dtype)
     activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
     x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(args.tokens, args.d_out, device=device, dtype=dtype)
-    layers = {"frozen base": None, "LoRA R8": ("lora", {}), "MoR E8R8": ("mor", dict(num_experts=8))}
-    for label, spec in layers.items():
-        torch.manual_seed(0)
-        base = nn.Linear(args.d_in, args.d_out, bias=False).to(device, dtype).requires_grad_(False)
-        layer = base
-        if spec is not None:
-            method, hyper = spec
-            layer = mor.METHODS[method](base, r=8, alpha=32, dropout=args.dropout, **hyper).train()
+    for label, spec in list(METHODS.items())[:3]:
+        layer = make(spec, args.d_in, args.d_out, args.dropout, device, dtype)
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

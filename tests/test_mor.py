@@ -30,17 +30,14 @@ def randomize(layer, seed=1):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
 
 
-def naive_mor(layer, x, dropout_mask_seed=None, p=0.0):
-    """eq. 12 as a loop over experts: o = W x + b + Σ_i G_i(x) (α/r) diag(Ω_B[i]) B diag(Ω_A[i]) A drop(x)."""
+def by_hand(layer, x, h=None):
+    """eqs. 10–12 with the experts' matrices built from torch.diag: W x + b + Σ_i G_i(x) D_i drop(x)."""
     W, b = layer.base.weight, layer.base.bias
     A, B, omA, omB = layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B
     N, scale = omA.shape[0], layer.alpha / layer.r
-    h = x
-    if dropout_mask_seed is not None:
-        torch.manual_seed(dropout_mask_seed)
-        h = F.dropout(x, p, training=True)
+    h = x if h is None else h
     if layer.router is None:
-        G = torch.full(x.shape[:-1] + (N,), 1.0 / N)
+        G = torch.full(x.shape[:-1] + (N,), 1.0 / N, dtype=x.dtype)
     else:
         G = torch.softmax(x @ layer.router.weight.T, dim=-1)  # undropped x
     out = x @ W.T + (b if b is not None else 0)
@@ -51,7 +48,7 @@ def naive_mor(layer, x, dropout_mask_seed=None, p=0.0):
 
 
 def grads(out, tensors, seed=5):
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return torch.autograd.grad((out * w).sum(), tensors)
 
 
@@ -68,28 +65,121 @@ def adapter_tensors(layer):
 
 # ----------------------------------------------------------------------------- MoR numerics
 
-@pytest.mark.parametrize("N", [1, 3, 8])
 @pytest.mark.parametrize("router", ["learned", "mean"])
-def test_mor_matches_naive_loop(N, router):
-    base = nn.Linear(12, 10)
-    layer = mor.MoRLinear(base, r=4, alpha=8, num_experts=N, dropout=0.0, router=router)
+def test_reference_is_eq12_by_hand(router):
+    """MoRLinear.reference (the readable definition) against the experts' d_out × d_in matrices, fp64."""
+    layer = mor.MoRLinear(nn.Linear(12, 10).double(), r=4, alpha=8, num_experts=3, dropout=0.0, router=router)
     randomize(layer)
-    x = torch.randn(2, 5, 12, requires_grad=True)
-    for mode in (True, False):  # train and eval both take the fused [A; W_r] path with dropout 0
-        layer.train(mode)
-        out, ref = layer(x), naive_mor(layer, x)
-        assert out.shape == (2, 5, 10)
-        assert_same_and_same_grads(out, ref, adapter_tensors(layer) + [x])
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    assert_same_and_same_grads(layer.reference(x), by_hand(layer, x), adapter_tensors(layer) + [x], tol=1e-12)
 
 
-def test_mor_dropout_only_on_adapter_input_not_router():
-    layer = mor.MoRLinear(nn.Linear(12, 10), r=4, alpha=8, num_experts=3, dropout=0.3)
+def test_reference_drops_only_the_adapter_input():
+    layer = mor.MoRLinear(nn.Linear(12, 10).double(), r=4, alpha=8, num_experts=3, dropout=0.3)
     randomize(layer)
-    x = torch.randn(7, 12, requires_grad=True)
+    x = torch.randn(7, 12, dtype=torch.float64)
     torch.manual_seed(123)
-    out = layer(x)  # training mode: the separate dropout path
-    ref = naive_mor(layer, x, dropout_mask_seed=123, p=0.3)
-    assert_same_and_same_grads(out, ref, adapter_tensors(layer) + [x])
+    out = layer.reference(x)
+    torch.manual_seed(123)
+    h = F.dropout(x, 0.3, training=True)
+    torch.testing.assert_close(out, by_hand(layer, x, h), atol=1e-12, rtol=1e-12)
+
+
+def fp64_layer(N, router, bias=True, dropout=0.0):
+    layer = mor.MoRLinear(nn.Linear(12, 10, bias=bias).double(), r=4, alpha=8, num_experts=N, dropout=dropout,
+                          router=router)
+    randomize(layer)
+    return layer
+
+
+@pytest.mark.parametrize("N,router,bias", [(1, "learned", True), (3, "learned", False), (8, "learned", True),
+                                           (3, "mean", True), (8, "mean", False), (3, "balanced", True)])
+@pytest.mark.parametrize("record", [False, True])
+def test_forward_equals_reference_fp64(N, router, bias, record):
+    """The fast path (StackedMixture, tied_up, the in-place add) against the literal eqs. 10–12, outputs and
+    every gradient (the balance loss's included) to 1e-9, in training mode, in eval mode with gradients
+    on, and in eval mode with gradients off (the cached B̃)."""
+    layer = fp64_layer(N, router, bias)
+    layer.record_router = record
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    tensors = adapter_tensors(layer) + [x]
+    for mode in (True, False):
+        layer.train(mode)
+        results = []
+        for fwd in (layer, layer.reference):
+            out = fwd(x)
+            aux = layer.aux_loss if layer.aux_loss is not None else 0.0
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+            results.append([out.detach(), *torch.autograd.grad((out * w).sum() + 0.7 * aux, tensors)])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.reference(x), atol=1e-9, rtol=1e-9)
+    if record:  # 3 modes × 2 paths: the same 10 tokens 6 times
+        assert int(layer.router_count) == 60 and layer.router_count.dtype == torch.int64
+
+
+@pytest.mark.parametrize("router", ["learned", "mean"])
+def test_forward_equals_reference_with_dropout_fp64(router):
+    """With dropout on, the fast path keeps x and the mask and recomputes drop(x): same numbers and gradients as
+    the reference given the same mask (the same seed: dropout is the first random draw of both)."""
+    layer = fp64_layer(3, router, dropout=0.3)
+    x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    tensors = adapter_tensors(layer) + [x]
+    results = []
+    for fwd in (layer, layer.reference):
+        torch.manual_seed(11)
+        out = fwd(x)
+        results.append([out.detach(), *grads(out, tensors)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_forward_equals_reference_under_bf16_autocast():
+    """fp32 weights under bf16 autocast (the training recipe): fast path vs reference to bf16 precision, outputs
+    and gradients, both computing in bf16 with fp32 parameters."""
+    layer = mor.MoRLinear(nn.Linear(64, 48), r=4, alpha=8, num_experts=8, dropout=0.0, router="balanced")
+    randomize(layer)
+    x = torch.randn(32, 64, requires_grad=True)
+    tensors = adapter_tensors(layer) + [x]
+    results = []
+    for fwd in (layer, layer.reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fwd(x)
+            loss = (out.float() * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))).sum()
+            loss = loss + layer.aux_loss
+        assert out.dtype == torch.bfloat16
+        results.append([out.float(), *torch.autograd.grad(loss, tensors)])
+    for a, b in zip(*results):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() <= 0.03 * b.abs().max()  # a few bf16 roundings (2^-8 relative) apart
+
+
+def test_compiled_block_with_recording_does_not_recompile():
+    """router_count is a tensor buffer, not a Python int (a guard that changed every step): a compiled block with
+    record_router on is captured once and reused across training steps; counts and sums stay right."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = nn.Sequential(mor.MoRLinear(nn.Linear(8, 16), r=2, num_experts=4, dropout=0.1, router="balanced"),
+                          nn.ReLU(), mor.MoRLinear(nn.Linear(16, 8), r=2, num_experts=4, dropout=0.1))
+    for m in (block[0], block[2]):
+        m.record_router = True
+    frames = []
+
+    def counting(gm, example_inputs):  # Dynamo calls its backend once per captured graph
+        frames.append(gm)
+        return gm.forward
+    compiled = torch.compile(block, backend=counting, dynamic=False)
+    opt = torch.optim.SGD([p for p in block.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(4):
+        out = compiled(torch.randn(6, 8))
+        (out.square().mean() + 0.01 * block[0].aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(frames) == 1
+    assert int(block[0].router_count) == int(block[2].router_count) == 24
+    torch.testing.assert_close(block[2].router_sum.sum(), torch.tensor(24.0))  # each token's G sums to 1
 
 
 def test_mor_direction_is_eq10():
@@ -186,12 +276,12 @@ def test_eval_cache_matches_train_and_invalidates():
     with torch.no_grad():
         layer.omega_B.mul_(2.0)  # an in-place update (as an optimizer step) must invalidate the cache
         out3 = layer(x)
-    torch.testing.assert_close(out3, naive_mor(layer, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out3, layer.reference(x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         layer.lora_B.data.mul_(3.0)  # .data bypasses the version counter: eval() again is the documented refresh
         layer.eval()
         out4 = layer(x)
-    torch.testing.assert_close(out4, naive_mor(layer, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out4, layer.reference(x), atol=1e-5, rtol=1e-5)
     layer.train()
     assert layer._cache is None
 
@@ -207,13 +297,13 @@ def test_eval_with_parameters_made_under_inference_mode():
         assert layer.lora_B.is_inference()
     with torch.no_grad():
         out2 = layer(x)
-        ref = naive_mor(layer, x)
+        ref = layer.reference(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out2, out)
 
 
 def test_mor_gradcheck_fp64():
-    """Finite differences in fp64 agree with MoR's gradients (DroppedLinear and TiedUp's hand-written backward
+    """Finite differences in fp64 agree with MoR's gradients (StackedMixture's hand-written backward
     included: dropout on, with the same mask for every evaluation); the router stays fp64 for fp64 inputs."""
     torch.manual_seed(0)
     layer = mor.MoRLinear(nn.Linear(6, 5).double(), r=3, alpha=6, num_experts=2, dropout=0.3)
@@ -241,7 +331,7 @@ def test_fp32_model_under_autocast(cls):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16: 2^-8 relative per rounding
-    layer.dropout = nn.Dropout(0.1)  # the training path (DroppedLinear for MoR) too
+    layer.dropout = nn.Dropout(0.1)  # the training path (dropout mask kept by StackedMixture for MoR) too
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x).float().sum().backward()
     assert x.grad.dtype == torch.float32
@@ -271,7 +361,7 @@ def test_bf16_base_fp32_adapter():
     out.float().sum().backward()
     assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
     fp32 = copy.deepcopy(layer).float()
-    torch.testing.assert_close(out.float(), naive_mor(fp32, x.float()), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out.float(), fp32.reference(x.float()), atol=0.1, rtol=0.05)
 
 
 def test_mor_compiles_fullgraph():
