@@ -1,11 +1,11 @@
 """Side by side with the tools users would pick instead: lm-evaluation-harness, HF `generate`, PEFT.
 
 NEEDS A SEPARATE VIRTUAL ENVIRONMENT: these tools are never dependencies of this project. Make one with
-    python -m venv /work/peers-venv
-    /work/peers-venv/bin/pip install torch==2.13.0        # first, so that no CUDA build is pulled in
-    /work/peers-venv/bin/pip install transformers lm-eval peft sentencepiece numpy tqdm
+    python -m venv ../peers-venv
+    ../peers-venv/bin/pip install torch==2.13.0        # first, so that no CUDA build is pulled in
+    ../peers-venv/bin/pip install transformers==5.25.0 lm-eval==0.4.13 peft==0.21.2 sentencepiece numpy tqdm
 and run this script with its python:
-    OMP_NUM_THREADS=1 /work/peers-venv/bin/python bench/peers.py --ckpt_dir ../shared/models/stories260K \
+    OMP_NUM_THREADS=1 ../peers-venv/bin/python bench/peers.py --ckpt_dir ../shared/models/stories260K \
         --data_dir ../shared/benchmarks --rounds 5
 
 Both sides run the same model with the same weights in one process, 1 torch thread (set OMP_NUM_THREADS=1),
@@ -36,7 +36,7 @@ try:
     import transformers
 except ImportError:
     sys.exit("error: bench/peers.py: transformers is not importable; run it with the peers venv's python "
-             "(/work/peers-venv/bin/python, see the top of this file)")
+             "(../peers-venv/bin/python, see the top of this file)")
 import torch
 import torch.nn.functional as F
 
