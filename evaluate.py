@@ -9,9 +9,9 @@ differ, so absolute values are not comparable with Table 1; differences between 
 Scoring. A multiple-choice question becomes one (context, " " + choice) request per choice. Every request
 is scored by the summed log-probability of its continuation tokens (`loglikelihood`); `acc` takes the
 argmax, `acc_norm` divides by the length in characters of the choice text first (harness convention).
-Questions are scored with their context computed once: the choices of a question share the KV cache of
-the context (see `loglikelihood`), so a 4-choice question costs about one forward of the context plus four
-short forwards of the choices, not four forwards of everything.
+Each batch is scored the cheapest exact way (`plan_scoring`): the one-token choices of a question (MMLU)
+from one row, multi-token choices through the KV cache of their shared context where that saves tokens,
+plain rows otherwise; bench/prefix.py times the ways against each other.
 
 Reported number per task (the table): acc_norm for PIQA, ARC-E, ARC-C, HellaSwag, OBQA; acc for SIQA,
 WinoGrande, MMLU, LAMBADA; exact match for NQ-open. Every metric is in the JSON.
@@ -68,19 +68,24 @@ NQ_MAX_NEW_TOKENS = 32   # the longest NQ-open dev answer is 51 characters: long
 # -----------------------------------------------------------------------------
 # core: log-likelihood of continuations
 
-def encode_request(tokenizer, context: str, continuation: str, max_seq_len: int) -> tuple[list[int], int, bool]:
+def encode_request(tokenizer, context: str, continuation: str, max_seq_len: int,
+                   known: dict[str, int] | None = None) -> tuple[list[int], int, bool]:
     """Tokenise one (context, continuation) request as the harness does -> (tokens, n_continuation, truncated).
 
     Trailing whitespace of the context moves onto the continuation; BOS + encode(context + continuation) is
     the sequence, and its tokens after the length of encode(context) are the continuation. Sequences longer
     than max_seq_len + 1 keep their last tokens (left truncation): the model reads tokens[:-1] and predicts
-    tokens[1:], whose last n_continuation are scored.
+    tokens[1:], whose last n_continuation are scored. `known`: context -> its token count, filled as it goes
+    (the choices of a question share one context: encode it once).
     """
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tokenizer.encode(context + continuation, bos=True, eos=False)
-    n_cont = len(whole) - len(tokenizer.encode(context, bos=True, eos=False))
+    known = {} if known is None else known
+    if context not in known:
+        known[context] = len(tokenizer.encode(context, bos=True, eos=False))
+    n_cont = len(whole) - known[context]
     if n_cont <= 0:
         raise ValueError(f"continuation {continuation!r} adds no token after context {context[-40:]!r}")
     tokens = whole[-(max_seq_len + 1):]
@@ -105,18 +110,59 @@ def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
     return logp.gather(1, t[:, None]).sum().item(), bool((logp.argmax(-1) == t).all())
 
 
-def _loglikelihood_plain(model, encoded, todo: list[int], batch_size: int, bar, out: list) -> None:
-    """One full causal forward per request (indices `todo`), batched longest first (the harness's way)."""
-    order = sorted(todo, key=lambda i: -len(encoded[i][0]))
-    device = _device(model)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        logits = model(_pad([encoded[i][0][:-1] for i in idx], device))
-        for row, i in enumerate(idx):
+def _score_rows(model, encoded, rows: list[list[int]], out: list) -> None:
+    """One causal forward of a batch of rows; a row is the input (tokens[:-1]) of its first request, and every
+    other request in it has an input that is a prefix of that one (same logits there, attention is causal).
+    Every scored position of the batch goes through one log_softmax and one gather (not one per request)."""
+    logits = model(_pad([encoded[row[0]][0][:-1] for row in rows], _device(model)))
+    where, targets, owner, ids = [], [], [], []   # owner: index into ids (the requests of this batch)
+    for b, row in enumerate(rows):
+        for i in row:
             tokens, n = encoded[i]
+            L = len(tokens) - 1   # logits at positions L-n..L-1 predict the continuation tokens[L-n+1:]
+            where += [(b, t) for t in range(L - n, L)]
+            targets += tokens[L - n + 1:]
+            owner += [len(ids)] * n
+            ids.append(i)
+    b_idx, t_idx = torch.tensor(where, device=logits.device).unbind(1)
+    logp = F.log_softmax(logits[b_idx, t_idx].float(), dim=-1)
+    tgt, own = torch.tensor(targets, device=logits.device), torch.tensor(owner, device=logits.device)
+    ll = torch.zeros(len(ids), dtype=torch.float64, device=logits.device).index_add_(   # sums in float64:
+        0, own, logp.gather(1, tgt[:, None])[:, 0].double())                                 # order-free
+    missed = torch.zeros(len(ids), device=logits.device).index_add_(0, own, (logp.argmax(-1) != tgt).float())
+    ll, missed = ll.tolist(), missed.tolist()
+    for k, i in enumerate(ids):
+        out[i] = (ll[k], missed[k] == 0)
+
+
+def _score_shared(model, encoded, batch: list[list[int]], out: list) -> None:
+    """A batch of groups (one row each, requests longest first) sharing each group's prefix via the KV cache.
+
+    Step 1: one forward of every group's common prefix (p_g tokens, its own length) fills the KV cache.
+    Step 2: for j = 0, 1, ..., one forward of every group's j-th request from its own position p_g on (a [B]
+    start_pos), reading the cache. Step 2 overwrites cache slots >= p_g, which later steps rewrite before
+    reading (the cache mask hides slots beyond a row's current position), so every request sees exactly its
+    own tokens, and no part of a context is computed twice.
+    """
+    inputs = {i: encoded[i][0][:-1] for g in batch for i in g}
+    p = [_common_prefix([inputs[i] for i in g]) for g in batch]
+    device = _device(model)
+    width = max(len(inputs[i]) - n for g, n in zip(batch, p) for i in g)   # the widest padded tail
+    model.setup_cache(len(batch), max(p) + width)   # just long enough for this batch
+    head = model(_pad([inputs[g[0]][:n] for g, n in zip(batch, p)], device), start_pos=0) if max(p) else None
+    starts = torch.tensor(p, device=device)
+    for j in range(max(len(g) for g in batch)):
+        rows = [g[j] if j < len(g) else None for g in batch]
+        tails = [inputs[i][n:] if i is not None else [] for i, n in zip(rows, p)]
+        tail = model(_pad([t or [0] for t in tails], device), start_pos=starts) if any(tails) else None
+        for b, (i, n) in enumerate(zip(rows, p)):
+            if i is None:
+                continue
+            tokens, k = encoded[i]
             L = len(tokens) - 1
-            out[i] = _score(logits[row, L - n:L], tokens[L - n + 1:])
-        bar.update(len(idx))
+            lo = L - k   # logits at positions lo..L-1 predict the continuation
+            parts = ([head[b, lo:min(L, n)]] if lo < n else []) + ([tail[b, max(lo, n) - n:L - n]] if L > n else [])
+            out[i] = _score(torch.cat(parts), tokens[lo + 1:])
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -127,44 +173,51 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def _loglikelihood_shared(model, encoded, groups: list[list[int]], batch_size: int, bar, out: list) -> None:
-    """Requests grouped by shared context; each group's common prefix is computed once per batch.
+def _fed(lengths: list[int], batch_size: int) -> int:
+    """Token positions that plain batches of these row lengths feed, longest first, padding included."""
+    lengths = sorted(lengths, reverse=True)
+    return sum(lengths[s] * len(lengths[s:s + batch_size]) for s in range(0, len(lengths), batch_size))
 
-    A batch holds up to batch_size groups, one row each. Step 1: one forward of the first p tokens of every
-    row (p = the shortest common prefix in the batch) fills the KV cache. Step 2: for j = 0, 1, ..., one
-    forward of every group's j-th request from position p on, reading the cache. Step 2 overwrites cache
-    slots >= p, which later steps rewrite before reading (the cache mask hides slots beyond the current
-    position), so every request sees exactly its own tokens. To keep the padding of step 2 small, groups are
-    ordered by their longest request and each group's requests longest first (slot j of every row then
-    holds requests of similar length).
+
+def plan_scoring(encoded: list[tuple[list[int], int]], groups: list[list[int]], batch_size: int,
+                 min_saving: float = 0.1) -> list[tuple[str, list[list[int]]]]:
+    """Batches [("rows" | "shared", [[request indices], ...])] scoring every request exactly once, each the
+    cheapest exact way (token positions fed, padding included):
+    - a group (one context) whose inputs (tokens[:-1]) are all prefixes of its longest is one row: causal
+      attention gives a prefix the same logits inside the longer row (one-token choices: all from one row,
+      even where the tokenizer splits " A" into two tokens and so lengthens that choice's input by one);
+    - groups whose choices differ in their inputs (multi-token choices) are batched longest first, and a batch
+      is scored through a shared prefix (`_score_shared`) only if that feeds >= min_saving fewer positions
+      than plain rows would; otherwise its requests become plain rows;
+    - rows are batched by length, longest first (the harness's order: little padding).
     """
-    inputs = [tokens[:-1] for tokens, _ in encoded]
-    groups = [sorted(g, key=lambda i: -len(inputs[i])) for g in groups]
-    prefix = [_common_prefix([inputs[i] for i in g]) for g in groups]
-    order = sorted(range(len(groups)), key=lambda g: -len(inputs[groups[g][0]]))
-    device = _device(model)
-    try:
-        for s in range(0, len(order), batch_size):
-            batch = [groups[g] for g in order[s:s + batch_size]]
-            p = min(prefix[g] for g in order[s:s + batch_size])
-            # a cache just long enough for this batch: attention reads every slot of it (masked)
-            model.setup_cache(len(batch), max(len(inputs[i]) for g in batch for i in g))
-            head = model(_pad([inputs[g[0]][:p] for g in batch], device), start_pos=0) if p > 0 else None
-            for j in range(max(len(g) for g in batch)):
-                rows = [g[j] if j < len(g) else None for g in batch]
-                tails = [inputs[i][p:] if i is not None else [] for i in rows]
-                tail = model(_pad([t or [0] for t in tails], device), start_pos=p) if any(tails) else None
-                for b, i in enumerate(rows):
-                    if i is None:
-                        continue
-                    tokens, n = encoded[i]
-                    L = len(tokens) - 1
-                    lo = L - n   # logits at positions lo..L-1 predict the continuation
-                    parts = ([head[b, lo:min(L, p)]] if lo < p else []) + ([tail[b, max(lo, p) - p:L - p]] if L > p else [])
-                    out[i] = _score(torch.cat(parts), tokens[lo + 1:])
-                bar.update(sum(i is not None for i in rows))
-    finally:
-        model.clear_cache()
+    inputs = [tuple(tokens[:-1]) for tokens, _ in encoded]
+    rows, multi = {}, []
+    for g in groups:
+        g = sorted(g, key=lambda i: -len(inputs[i]))
+        longest = inputs[g[0]]
+        if all(longest[:len(inputs[i])] == inputs[i] for i in g):   # causal: the longest row holds them all
+            rows.setdefault(longest, []).extend(g)
+        else:
+            multi.append(g)
+    plan = []
+    multi.sort(key=lambda g: -len(inputs[g[0]]))
+    for s in range(0, len(multi), batch_size):
+        batch = multi[s:s + batch_size]
+        p = [_common_prefix([inputs[i] for i in g]) for g in batch]
+        tails = [max((len(inputs[g[j]]) - n for g, n in zip(batch, p) if j < len(g)), default=0)
+                 for j in range(max(map(len, batch)))]
+        shared = len(batch) * (max(p) + sum(tails))
+        plain = _fed([len(inputs[i]) for g in batch for i in g], batch_size)
+        if shared <= (1 - min_saving) * plain:
+            plan.append(("shared", batch))
+        else:
+            for g in batch:
+                for i in g:
+                    rows.setdefault(inputs[i], []).append(i)
+    ordered = sorted(rows.values(), key=lambda r: -len(inputs[r[0]]))
+    plan += [("rows", ordered[s:s + batch_size]) for s in range(0, len(ordered), batch_size)]
+    return plan
 
 
 @torch.inference_mode()
@@ -173,15 +226,16 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
     """(sum of log-probabilities of the continuation tokens, all of them greedy) for each (context, continuation).
 
     Tokenisation follows the harness (`encode_request`); requests longer than model.params.max_seq_len keep
-    their last tokens. share_prefix: requests with the same context string are scored together with the
-    context computed once through the KV cache (`_loglikelihood_shared`); the others (all of them when
-    share_prefix is False) get one full forward each, batched by length (`_loglikelihood_plain`, the
-    reference path). Results come back in the order of `requests`.
+    their last tokens. share_prefix: the requests of one context string are scored together, each batch the
+    cheapest exact way (`plan_scoring`: one row for all one-token choices, a shared prefix through the KV
+    cache where it saves tokens, plain rows otherwise); share_prefix False: one full forward per request,
+    batched by length (the reference path). Results come back in the order of `requests`.
     """
     if not requests:
         return []
     max_len = model.params.max_seq_len
-    encoded = [encode_request(tokenizer, c, x, max_len) for c, x in requests]
+    known: dict[str, int] = {}
+    encoded = [encode_request(tokenizer, c, x, max_len, known) for c, x in requests]
     if n_long := sum(truncated for _, _, truncated in encoded):
         print(f"[{desc or 'loglikelihood'}] {n_long} of {len(requests)} requests are longer than "
               f"max_seq_len={max_len}: they keep their last tokens", file=sys.stderr)
@@ -194,8 +248,15 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
         for i, (context, _) in enumerate(requests):
             groups.setdefault(context if share_prefix else i, []).append(i)
         out = [None] * len(requests)
-        _loglikelihood_plain(model, encoded, [g[0] for g in groups.values() if len(g) == 1], batch_size, bar, out)
-        _loglikelihood_shared(model, encoded, [g for g in groups.values() if len(g) > 1], batch_size, bar, out)
+        for kind, batch in plan_scoring(encoded, list(groups.values()), batch_size):
+            if kind == "shared":
+                try:
+                    _score_shared(model, encoded, batch, out)
+                finally:
+                    model.clear_cache()
+            else:
+                _score_rows(model, encoded, batch, out)
+            bar.update(sum(map(len, batch)))
         return out
     finally:
         bar.close()
@@ -675,48 +736,6 @@ def format_router_chart(results: dict, width: int = 30) -> str:
     return "\n".join(lines)
 
 
-def bench_prefix(model, tokenizer, tasks, data_dir: str, limit: int | None, batch_size: int) -> dict:
-    """Score the multiple-choice requests of each task three ways (one loglikelihood call per task, as
-    evaluate_tasks does), check they agree, print times and ratios: a plain loop of one forward per choice
-    (batch 1), batched plain forwards (the harness's way), and shared-prefix scoring. Also counts the token
-    positions fed to the model (padding included): the compute that dominates for large models, where the
-    linear layers outweigh attention and per-call overhead."""
-    ways = (("one_forward_per_choice", 1, False), ("batched_plain", batch_size, False),
-            ("shared_prefix", batch_size, True))
-    fed = [0]
-    hook = model.register_forward_pre_hook(lambda m, args: fed.__setitem__(0, fed[0] + args[0].numel()))
-    rows, diff = {}, 0.0
-    try:
-        for task in resolve_tasks(tasks):
-            if task in ("nq_open", "lambada") or not os.path.isdir(os.path.join(data_dir, task)):
-                continue
-            requests = [r for item in load_task(task, data_dir, limit)[0] for r in choice_requests(item)]
-            loglikelihood(model, tokenizer, requests[:batch_size], batch_size)   # warm-up
-            row, res = dict(requests=len(requests)), {}
-            for name, bs, share in ways:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                fed[0], t0 = 0, time.time()
-                res[name] = loglikelihood(model, tokenizer, requests, bs, share_prefix=share)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                row[name] = (round(time.time() - t0, 3), fed[0])
-            diff = max([diff] + [abs(a[0] - b[0]) for a, b in zip(res["one_forward_per_choice"], res["shared_prefix"])])
-            rows[task] = row
-    finally:
-        hook.remove()
-    rows["total"] = {k: sum(r[k] for r in rows.values()) if k == "requests" else
-                     tuple(round(sum(r[k][i] for r in rows.values()), 3) for i in (0, 1)) for k in rows[next(iter(rows))]}
-    print(f"{'task':14s} {'requests':>8s} " + " ".join(f"{n + ' s (tokens)':>30s}" for n, _, _ in ways) +
-          "  speedup vs loop / vs batched (tokens)")
-    for task, r in rows.items():
-        (t1, _), (t2, k2), (t3, k3) = (r[n] for n, _, _ in ways)
-        print(f"{task:14s} {r['requests']:8d} " + " ".join(f"{r[n][0]:>18.2f} ({r[n][1]:>9d})" for n, _, _ in ways) +
-              f"  x{t1 / t3:.2f} / x{t2 / t3:.2f} (x{k2 / k3:.2f})")
-    print(f"max |log-likelihood difference| shared vs one forward per choice: {diff:.1e}")
-    return dict(rows, max_abs_ll_diff=diff)
-
-
 def check_out_path(path: str) -> None:
     """--out can be written: not a folder, no file where a folder must be, permission to create it. Checked
     before the model is loaded, so a typo costs seconds, not a whole evaluation."""
@@ -752,7 +771,6 @@ def run(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="out/results.json", help="JSON with every metric, counts and times")
     ap.add_argument("--router_stats", action="store_true", help="mean router weight per expert and task (Fig. 7)")
     ap.add_argument("--router_layer", type=int, default=-1, help="transformer block for --router_stats")
-    ap.add_argument("--bench_prefix", action="store_true", help="time shared-prefix vs plain scoring and exit")
     args = ap.parse_args(argv)
     check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
     _, _, device = llama.setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
@@ -764,9 +782,6 @@ def run(argv: list[str] | None = None) -> None:
         llama.apply_adapter(model, args.adapter)
     model.eval()
     tokenizer = llama.load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
-    if args.bench_prefix:
-        bench_prefix(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size)
-        return
     results = evaluate_tasks(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size, args.skip_bad,
                              args.router_layer if args.router_stats else None)
     wall = time.time() - t0

@@ -6,8 +6,9 @@ Where this file differs from Meta's, and why:
 - RoPE rotates Meta's interleaved pairs (x[2i], x[2i+1]) with real cos/sin instead of complex numbers
   (torch.compile cannot trace complex tensors), computed from the positions at every forward: there are no
   rope buffers to materialise after building on `meta`, and none for `model.to(bfloat16)` to round.
-- The KV cache is static (allocated once, written at `start_pos`, attended through a mask), so every decoding
-  step has the same shapes: friendly to torch.compile and CUDA graphs.
+- The KV cache is static (allocated once, written at each row's `start_pos`, attended through a mask). Eager
+  attention reads only the filled part rounded up to KV_BUCKET slots (shapes change once per 32 steps);
+  under torch.compile with a tensor position it reads the whole cache: one graph, friendly to CUDA graphs.
 - No model-parallel layers: Meta's model-parallel shards are merged once, at load time.
 
     python llama.py --ckpt_dir path/to/llama-2-7b --prompt "Once upon a time"
@@ -15,6 +16,7 @@ Where this file differs from Meta's, and why:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import glob
 import json
@@ -147,19 +149,21 @@ def apply_scaling(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: flo
 
 def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float = 10000.0,
                          use_scaled_rope: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real form of Meta's freqs_cis: cos and sin of position * theta^(-2i/head_dim), float32 [T, head_dim/2]."""
+    """Real form of Meta's freqs_cis: cos and sin of position * theta^(-2i/head_dim), float32 [..., head_dim/2]
+    for positions of any shape ([T], or [B, T] when every row has its own positions)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim))
     if use_scaled_rope:
         freqs = apply_scaling(freqs)
-    angles = torch.outer(positions.float(), freqs)
+    angles = positions.float()[..., None] * freqs
     return angles.cos(), angles.sin()
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by angle i of its position. x: [B, T, H, D]."""
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by angle i of its position. x: [B, T, H, D],
+    cos/sin: [T, D/2] or [B, T, D/2]."""
     xf = x.float().unflatten(-1, (-1, 2))          # float32 like Meta: bf16 angles would drift at long range
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]    # [T, 1, D/2]: broadcast over batch and heads
+    cos, sin = cos[..., None, :], sin[..., None, :]   # [(B,) T, 1, D/2]: broadcast over heads (and batch)
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
@@ -178,9 +182,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the mean of squares in float32: in bf16 it loses too many digits over 4096 features
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in float32 (bf16 loses too many digits over 4096 features), as one op
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 class Attention(nn.Module):
@@ -197,15 +200,18 @@ class Attention(nn.Module):
         self.register_buffer("cache_v", None, persistent=False)
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
+        """input_pos [B, T]: each row's positions, written into the cache; attention then reads the first
+        mask.shape[-1] slots (the filled part, rounded up to a bucket), masked per row."""
         B, T, _ = x.shape
         q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # SDPA wants [B, heads, T, D]
-        if input_pos is not None:   # decoding: store this step, then attend over the whole (masked) cache
-            self.cache_k[:B, :, input_pos] = k.to(self.cache_k.dtype)
-            self.cache_v[:B, :, input_pos] = v.to(self.cache_v.dtype)
-            k, v = self.cache_k[:B], self.cache_v[:B]
+        if input_pos is not None:   # decoding: store this step, then attend over the filled (masked) cache
+            rows = torch.arange(B, device=x.device)[:, None]
+            self.cache_k[rows, :, input_pos] = k.transpose(1, 2).to(self.cache_k.dtype)   # [B, T, H, D] slots
+            self.cache_v[rows, :, input_pos] = v.transpose(1, 2).to(self.cache_v.dtype)
+            k, v = self.cache_k[:B, :, :mask.shape[-1]], self.cache_v[:B, :, :mask.shape[-1]]
         n_rep = self.n_heads // self.n_kv_heads
         out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
                                              attn_mask=mask, is_causal=mask is None)
@@ -237,6 +243,25 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+KV_BUCKET = 32   # attention reads the filled cache rounded up to a multiple of this (see _cache_positions)
+
+
+@contextlib.contextmanager
+def no_init(device: str | torch.device = "meta") -> Iterator[None]:
+    """Build modules on `device` without running their parameter initialisers: weights that a checkpoint
+    overwrites next need no random numbers. On `meta` it also keeps torch._dynamo out of the load path
+    (nn.Embedding's normal_ on meta goes through torch._refs, which imports it: 1-3 s of a load)."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+
+
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -266,27 +291,47 @@ class Transformer(nn.Module):
                 m.cache_k = m.cache_v = None
         self.cache_size = None
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits [B, T, vocab]. start_pos None: causal forward over `tokens` alone, no cache.
-        start_pos k: `tokens` sit at positions k.. and attend to the cache of earlier steps (a 0-d tensor also
-        works and keeps one compiled graph for every step)."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """float32 logits [B, T, vocab] ([B, 1, vocab] with last_only: a prefill needs only the next token's).
+        start_pos None: causal forward over `tokens` alone, no cache. start_pos k (an int, a 0-d tensor, or a
+        [B] tensor giving every row its own position): row b's tokens sit at positions k[b].. and attend to
+        the cache of its earlier steps."""
         B, T = tokens.shape
-        pos, mask = torch.arange(T, device=tokens.device), None
+        pos, mask = torch.arange(T, device=tokens.device)[None], None   # [1 or B, T]
         if start_pos is not None:
-            if self.cache_size is None:
-                raise RuntimeError("forward(tokens, start_pos) needs a KV cache: call setup_cache() first")
-            if isinstance(start_pos, int) and (B > self.cache_size[0] or start_pos + T > self.cache_size[1]):
-                raise ValueError(f"batch {B} at positions {start_pos}..{start_pos + T - 1} does not fit "
-                                 f"the KV cache of size {self.cache_size}")
-            pos = pos + start_pos
-            # causal over the whole static cache: slots after the current position hold stale or zero values
-            mask = torch.arange(self.cache_size[1], device=tokens.device) <= pos[:, None]
+            pos, mask = self._cache_positions(B, T, start_pos, tokens.device)
         cos, sin = precompute_freqs_cis(self.params.dim // self.params.n_heads, pos, self.params.rope_theta,
                                         self.params.use_scaled_rope)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, None if start_pos is None else pos, mask)
+            h = layer(h, cos, sin, None if start_pos is None else pos.expand(B, T), mask)
+        if last_only:   # the output head is the widest matrix: skip it for positions nobody reads
+            h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def _cache_positions(self, B: int, T: int, start_pos, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [B, T] and the attention mask [B, 1, T, S] over the first S cache slots: the filled part
+        rounded up to KV_BUCKET (attention cost follows the filled length, while shapes change only once per
+        bucket, so a compiled step has one graph per bucket). Under torch.compile or CUDA-graph capture a tensor
+        start_pos is not read on the host: S is the whole cache (one graph for every step, as a static cache
+        intends)."""
+        if self.cache_size is None:
+            raise RuntimeError("forward(tokens, start_pos) needs a KV cache: call setup_cache() first")
+        start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)   # [1, 1] or [B, 1]
+        traced = torch.compiler.is_compiling() or (start.is_cuda and torch.cuda.is_current_stream_capturing())
+        if traced and isinstance(start_pos, torch.Tensor):   # no host read while compiling or capturing a CUDA graph
+            end = self.cache_size[1]
+        else:
+            end = int(start_pos) if isinstance(start_pos, int) else int(start.max()) if start.numel() else 0
+            if B > self.cache_size[0] or end + T > self.cache_size[1] or int(start.min()) < 0:
+                raise ValueError(f"batch {B} at positions {end}..{end + T - 1} does not fit the KV cache of "
+                                 f"size {self.cache_size}")
+            end = min(self.cache_size[1], -(-(end + T) // KV_BUCKET) * KV_BUCKET)
+        pos = start + torch.arange(T, device=device)
+        # causal per row: slots after a row's current position hold stale or zero values
+        mask = torch.arange(end, device=device) <= pos[..., None]
+        return pos, mask[:, None]
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -313,7 +358,7 @@ class Transformer(nn.Module):
         tok_path = os.path.join(ckpt_dir, "tokenizer.model")
         if os.path.isfile(tok_path) and not is_tiktoken(tok_path):   # Llama-3: model loads, tokenizer out of scope
             check_tokenizer(tok_path, params.vocab_size)
-        with torch.device("meta"):   # shapes only: init costs no memory and no time
+        with no_init():   # shapes only: init costs no memory and no time
             model = cls(params)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if missing := [k for k in expected if k not in shards[0]]:
@@ -493,6 +538,13 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     return idx.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)   # multinomial renormalises
 
 
+def next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Greedy when temperature is 0, else temperature + nucleus sampling. logits: [..., vocab]."""
+    if temperature > 0:
+        return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
+    return logits.argmax(dim=-1)
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 0.9, eos_id: int | None = None,
@@ -500,44 +552,46 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     """New tokens for each prompt: greedy when temperature is 0, else temperature + top-p sampling.
 
     A row ends at eos_id (not returned), after max_new_tokens, when stop(new_tokens) is true (the token that
-    made it true is returned), or at the model's max_seq_len. As in Meta's generate, the batch decodes from
-    the shortest prompt's end, and rows whose prompt is longer keep being fed their own prompt tokens.
-    Reuses the KV cache if it is large enough, else sets one up.
+    made it true is returned), or at the model's max_seq_len. One prefill fills the KV cache and gives the
+    first token's logits (only those: last_only); then each step feeds every row one token at the row's own
+    position (a [B] start_pos), so prompts of different lengths decode together (prompts of different lengths
+    are prefilled without their last token, which the first step feeds). Reuses the KV cache if it is large
+    enough, else sets one up.
     """
     B, lens = len(prompt_tokens), [len(p) for p in prompt_tokens]
-    if B > model.params.max_batch_size or min(lens) < 1 or max(lens) > model.params.max_seq_len:
+    max_len = model.params.max_seq_len
+    if B > model.params.max_batch_size or min(lens) < 1 or max(lens) > max_len:
         raise ValueError(f"{B} prompts of lengths {min(lens)}..{max(lens)}: need 1..{model.params.max_batch_size} "
-                         f"non-empty prompts of at most max_seq_len={model.params.max_seq_len} tokens")
-    total = min(model.params.max_seq_len, max(lens) + max_new_tokens)
+                         f"non-empty prompts of at most max_seq_len={max_len} tokens")
+    total = min(max_len, max(lens) + max_new_tokens)
     if model.cache_size is None or model.cache_size[0] < B or model.cache_size[1] < total:
         model.setup_cache(B, total)
     device = model.tok_embeddings.weight.device
-    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
-    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompt_tokens):
-        tokens[i, : len(p)], is_prompt[i, : len(p)] = torch.tensor(p), True
-    out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
-    was_training, prev = model.training, 0
+    out, done = [[] for _ in range(B)], [max_new_tokens <= 0 or n >= max_len for n in lens]
+    was_training = model.training
     model.eval()   # adapters may carry dropout
     try:
-        for cur in range(min(lens), total):
-            if all(done):
-                break
-            logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]
-            if temperature > 0:
-                nxt = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
-            else:
-                nxt = logits.argmax(dim=-1)
-            tokens[:, cur] = torch.where(is_prompt[:, cur], tokens[:, cur], nxt)
-            prev = cur
-            for i, t in enumerate(tokens[:, cur].tolist()):
-                if done[i] or cur < lens[i]:
+        if len(set(lens)) == 1:   # one prefill of the whole prompts gives the first token's logits
+            logits = model(torch.tensor(prompt_tokens, device=device), start_pos=0, last_only=True)[:, -1]
+        else:   # padded: shorter rows' stale slots stay masked; their last prompt token goes at its own position
+            if max(lens) > 1:
+                model(torch.tensor([p[:-1] + [0] * (max(lens) - n) for p, n in zip(prompt_tokens, lens)],
+                                   device=device), start_pos=0, last_only=True)
+            last = torch.tensor([[p[-1]] for p in prompt_tokens], device=device)
+            logits = model(last, start_pos=torch.tensor(lens, device=device) - 1, last_only=True)[:, -1]
+        pos = torch.tensor(lens, device=device)
+        while not all(done):
+            tok = next_token(logits, temperature, top_p)
+            for i, t in enumerate(tok.tolist()):
+                if done[i]:
                     continue
-                if t == eos_id:
-                    done[i] = True
-                    continue
-                out[i].append(t)
-                done[i] = len(out[i]) >= max_new_tokens or (stop is not None and stop(out[i]))
+                if t != eos_id:
+                    out[i].append(t)
+                done[i] = (t == eos_id or len(out[i]) >= max_new_tokens or lens[i] + len(out[i]) >= max_len
+                           or (stop is not None and stop(out[i])))
+            if not all(done):
+                logits = model(tok[:, None], start_pos=pos, last_only=True)[:, -1]
+                pos = (pos + 1).clamp(max=total - 1)   # finished rows keep writing their last slot, never read
     finally:
         model.train(was_training)
     return out
@@ -631,13 +685,6 @@ def apply_adapter(model: Transformer, path: str) -> dict:
     return config
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Greedy when temperature is 0, else temperature + nucleus sampling. logits: [..., vocab]."""
-    if temperature > 0:
-        return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
-    return logits.argmax(dim=-1)
-
-
 @torch.inference_mode()
 def stream(model: Transformer, tokens: list[int], start_pos: int, max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 0.9, eos_id: int | None = None) -> Iterator[int]:
@@ -648,7 +695,7 @@ def stream(model: Transformer, tokens: list[int], start_pos: int, max_new_tokens
     for _ in range(max_new_tokens):
         if start_pos + len(tokens) > model.cache_size[1]:
             return
-        logits = model(torch.tensor([tokens], device=device), start_pos=start_pos)[0, -1]
+        logits = model(torch.tensor([tokens], device=device), start_pos=start_pos, last_only=True)[0, -1]
         start_pos += len(tokens)
         t = int(next_token(logits, temperature, top_p))
         if t == eos_id:

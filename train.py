@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 import data
 import mor
-from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, setup_distributed, tokenizer_path, \
-    under_torchrun
+from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, setup_distributed, \
+    tokenizer_path, under_torchrun
 
 METHODS = ("mor", "lora", "dora", "moelora", "moslora", "full")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -401,7 +401,7 @@ def build_sharded(cfg: TrainConfig, adapter: str | None, device: torch.device, b
         full_sd, params = host.state_dict(), [host.params]
         del host
     dist.broadcast_object_list(params, src=0)   # vocab_size may come from the weights, not params.json
-    with torch.device("meta"):
+    with no_init():   # shapes only: the weights come from rank 0 next
         model = Transformer(params[0])
         prepare_model(model, cfg)
     cast_for_training(model, base_dtype)

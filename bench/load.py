@@ -15,6 +15,7 @@ checkpoint's bytes on disk:
                memory the process itself allocated (the loaded weights, temporaries).
   peak file    max RssFile - baseline RssFile, sampled likewise: mapped file pages (the checkpoint).
 Linux only (/proc). The checkpoint lies in the page cache when it is read (it was just written).
+--repeats N loads it N times, each in a fresh process, and reports the median load (time and memory).
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n_shards", type=int, default=1, help="model-parallel shards (consolidated.00.pth, ...)")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory, "
                                                 "removed afterwards)")
+    ap.add_argument("--repeats", type=int, default=1, help="loads, each in a fresh process (warm page cache): "
+                                                             "the median time and the median memory are shown")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     load_dtype = args.load_dtype or args.dtype
@@ -149,10 +152,13 @@ def main(argv: list[str] | None = None) -> None:
         ckpt_bytes = write_checkpoint(ckpt_dir, params, vocab, args.n_shards, dtype)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", ckpt_dir, "--load_dtype", load_dtype,
                "--device", args.device]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if res.returncode != 0:
-            raise SystemExit(f"loading subprocess failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
-        r = json.loads(res.stdout.strip().splitlines()[-1])
+        runs = []
+        for _ in range(max(1, args.repeats)):
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if res.returncode != 0:
+                raise SystemExit(f"loading subprocess failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        r = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]   # the median load (its memory too)
     finally:
         if args.dir is None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print()
     print_table(["memory", "GiB", "/ checkpoint"], rows)
-    print(f"load time {r['seconds']:.1f} s")
+    times = ", ".join(f"{x['seconds']:.2f}" for x in runs)
+    print(f"load time {r['seconds']:.2f} s (median of {len(runs)} fresh processes: {times})")
     total = (r["hwm"] - b["VmRSS"]) / ckpt_bytes
     anon = (p["RssAnon"] - b["RssAnon"]) / ckpt_bytes
     print(f"target peak resident memory <= 1.2 x checkpoint: total RSS {total:.3f} -> "

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import BENCHMARKS, ROOT, STORIES
 
 
 def run_bench(script: str, *args: str) -> str:
@@ -82,3 +82,22 @@ def test_load_runs_and_loads_every_byte():
     # the loaded parameters are the file's tensors: the same bytes, less the files' few KB of pickle framing
     assert 0.99 < float(cells[1]) <= 1.0
     assert "target peak resident memory <= 1.2 x checkpoint:" in out
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(BENCHMARKS, "mmlu")), reason="needs ../shared benchmarks")
+def test_prefix_runs_and_the_ways_agree():
+    out = run_bench("prefix.py", "--ckpt_dir", STORIES, "--data_dir", BENCHMARKS, "--max_seq_len", "512",
+                    "--tasks", "arc_easy,mmlu", "--limit", "2")
+    diff = float(out.split("planned vs one forward per choice:")[1].split()[0])
+    assert diff < 1e-3
+
+
+def test_peers_without_its_venv_is_a_one_line_error():
+    try:
+        import transformers  # noqa: F401
+        pytest.skip("transformers is importable here: this checks the project's own environment")
+    except ImportError:
+        pass
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "peers.py")], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode != 0 and res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1

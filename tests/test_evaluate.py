@@ -49,11 +49,13 @@ class Bigram(nn.Module):
     def clear_cache(self):
         self.cache_size = None
 
-    def forward(self, tokens, start_pos=None):
-        if start_pos is not None:
+    def forward(self, tokens, start_pos=None, last_only=False):
+        if start_pos is not None:   # an int, or a [B] tensor of per-row positions (llama.generate)
             B, T = tokens.shape
-            assert self.cache_size and B <= self.cache_size[0] and start_pos + T <= self.cache_size[1]
-        return self.table[tokens]
+            end = int(torch.as_tensor(start_pos).max()) + T
+            assert self.cache_size and B <= self.cache_size[0] and end <= self.cache_size[1]
+        logits = self.table[tokens]
+        return logits[:, -1:] if last_only else logits
 
 
 def unigram_stub():

@@ -386,3 +386,62 @@ def test_bf16_checkpoint_loads_exactly(tmp_path):
         model = Transformer.from_checkpoint(d, dtype=dtype)
         for k, v in model.state_dict().items():
             assert v.dtype == dtype and torch.equal(v, sd[k].to(torch.bfloat16).to(dtype)), k
+
+
+# ---------------------------------------------------------------- decoding: per-row positions, buckets, last_only
+
+def test_decode_steps_equal_naive_logits_past_a_bucket(tiny):
+    """Each single-token step through the cache (crossing KV_BUCKET, so the attended length changes) gives the
+    naive loop's logits for that position."""
+    model, sd = tiny
+    g = torch.Generator().manual_seed(5)
+    seq = torch.randint(0, TINY_PARAMS["vocab_size"], (llama.KV_BUCKET + 6,), generator=g).tolist()
+    ref = naive_logits(sd, TINY_PARAMS, seq)
+    model.setup_cache(1, 2 * llama.KV_BUCKET + 8)
+    first = model(torch.tensor([seq[:3]]), start_pos=0, last_only=True)
+    assert first.shape == (1, 1, TINY_PARAMS["vocab_size"])
+    got = [first[0, -1]] + [model(torch.tensor([[t]]), start_pos=p)[0, -1] for p, t in enumerate(seq[3:], 3)]
+    torch.testing.assert_close(torch.stack(got).double(), ref[2:], rtol=1e-5, atol=1e-5)
+    model.clear_cache()
+
+
+def test_rows_at_their_own_positions_equal_one_by_one(tiny):
+    """A [B] start_pos: rows of different prompt lengths decoded together give each row's own logits."""
+    model, sd = tiny
+    prompts = [[1, 17, 250, 3, 99], [1, 8], [1, 8, 6, 120, 383, 0, 11, 64]]
+    nxt = [[5, 77, 300], [42, 9, 10], [2, 3, 4]]
+    model.setup_cache(3, 16)
+    width = max(map(len, prompts))
+    model(torch.tensor([p + [0] * (width - len(p)) for p in prompts]), start_pos=0)   # padding: stale slots
+    pos = torch.tensor([len(p) for p in prompts])
+    for step in range(3):
+        got = model(torch.tensor([[n[step]] for n in nxt]), start_pos=pos + step)[:, -1]
+        for b, p in enumerate(prompts):
+            ref = naive_logits(sd, TINY_PARAMS, p + nxt[b][:step + 1])[-1]
+            torch.testing.assert_close(got[b].double(), ref, rtol=1e-5, atol=1e-5)
+    model.clear_cache()
+
+
+def test_last_only_equals_the_full_forwards_last_row(tiny):
+    model, _ = tiny
+    tokens = torch.tensor(SEQS)
+    torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:], rtol=0, atol=0)
+
+
+def test_loading_imports_no_dynamo(tiny_ckpt):
+    """no_init: the load path runs no parameter initialisers on meta (which import torch._dynamo)."""
+    import subprocess
+    import sys
+    code = ("import sys, llama; llama.Transformer.from_checkpoint(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, tiny_ckpt], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_generate_equal_length_prompts_equals_argmax_loop(tiny):
+    """Prompts of one length take the one-prefill path (the prefill's last_only logits give the first token)."""
+    model, _ = tiny
+    prompts = [[1, 17, 250, 3], [1, 8, 6, 120]]
+    assert generate(model, prompts, max_new_tokens=5) == [argmax_loop(model, p, 5) for p in prompts]
