@@ -533,18 +533,19 @@ class StackedMixture(torch.autograd.Function):
             gGz = gGz if gG is None else gGz + gG
             glogits = torch._softmax_backward_data(gGz, G, -1, G.dtype)  # softmax's own backward, one kernel
         # [A; W_r] read drop(x) and x: the weight gradients and x's
+        want_gx = ctx.needs_input_grad[0]  # False where x comes from frozen layers only
         if keep is None:
             g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
-            g_down, gx = g_al.t() @ x, g_al @ down
+            g_down, gx = g_al.t() @ x, (g_al @ down if want_gx else None)
             gA, gW = g_down[:r], (g_down[r:] if ctx.router else None)
         else:
             masked = torch.ops.aten.native_dropout_backward  # t ⊙ keep / (1 - p): dropout's own backward
             gA = ga.t() @ masked(x, keep, 1.0 / (1.0 - ctx.p))  # drop(x) again, freed at once
-            gx = masked(ga @ down[:r], keep, 1.0 / (1.0 - ctx.p))
+            gx = masked(ga @ down[:r], keep, 1.0 / (1.0 - ctx.p)) if want_gx else None
             gW = None
             if ctx.router:
                 gW = glogits.t() @ x
-                gx = gx.addmm_(glogits, down[r:])
+                gx = gx.addmm_(glogits, down[r:]) if want_gx else None
         # B̃[o, i, j] = s Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other two, as a batched
         # GEMM over the experts or rows (fp32 from here, by type promotion)
         g3 = gup.view(-1, N, r)

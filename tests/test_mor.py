@@ -136,6 +136,20 @@ def test_forward_equals_reference_with_dropout_fp64(router):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_forward_skips_the_input_gradient_when_x_needs_none(dropout):
+    """x from frozen layers only (no requires_grad): the parameters' gradients still equal the reference's."""
+    layer = fp64_layer(3, "learned", dropout=dropout)
+    x = torch.randn(9, 12, dtype=torch.float64)
+    results = []
+    for fwd in (layer, layer.reference):
+        torch.manual_seed(11)
+        out = fwd(x)
+        results.append(grads(out, adapter_tensors(layer)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def test_forward_equals_reference_under_bf16_autocast():
     """fp32 weights under bf16 autocast (the training recipe): fast path vs reference to bf16 precision, outputs
     and gradients, both computing in bf16 with fp32 parameters."""
