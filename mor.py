@@ -416,7 +416,8 @@ class MoRLinear(AdapterLinear):
         x2 = x2.to(dt)
         if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             down, up = cached_weights(self, dt)  # decoding: B̃ and [A; W_r] built once, not per token
-            z, G = stacked_codes(self, F.linear(x2, down))
+            a, logits, _ = down_project(x2, down, self.r, self.router is not None)
+            z, G = stacked_codes(a, logits, self.num_experts)
         else:
             p = self.dropout.p if self.dropout_active() else 0.0
             W_r = self.router.weight if self.router is not None else None
@@ -456,12 +457,22 @@ def tied_up(B: torch.Tensor, omega_A: torch.Tensor, omega_B: torch.Tensor, scale
     return torch.mul(BA, omega_B.t()[:, :, None], out=out).view(d_out, N * r)
 
 
-def stacked_codes(layer: nn.Module, a_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, G) from [A x, W_r x] (tokens × (r + N)): G of eq. 11 and z = G ⊗ (A x) (tokens × N·r, eq. 15)."""
-    r, N = layer.r, layer.num_experts
-    a, logits = a_logits[:, :r], (a_logits[:, r:] if layer.router is not None else None)
-    G = gate(logits, N, a, a.dtype)
-    return (G[:, :, None] * a[:, None, :]).reshape(-1, N * r), G
+def down_project(x: torch.Tensor, down: torch.Tensor, r: int, routed: bool,
+                 p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(A drop(x), W_r x, dropout mask) from [A; W_r] (`down_factors`): one GEMM when dropout is off; with
+    dropout the router still reads the undropped x, and the mask is F.dropout's own (native_dropout), so the
+    RNG stream is the same as `reference`'s."""
+    if p > 0:
+        h, keep = torch.native_dropout(x, p, True)
+        return F.linear(h, down[:r]), (F.linear(x, down[r:]) if routed else None), keep
+    a_logits = F.linear(x, down)
+    return a_logits[:, :r], (a_logits[:, r:] if routed else None), None
+
+
+def stacked_codes(a: torch.Tensor, logits: torch.Tensor | None, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, G): G of eq. 11 and z = G ⊗ (A x) (tokens × N·r, eq. 15), in a's dtype."""
+    G = gate(logits, num_experts, a, a.dtype)
+    return (G[:, :, None] * a[:, None, :]).reshape(-1, num_experts * a.shape[1]), G
 
 
 def down_factors(A: torch.Tensor, W_r: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -501,21 +512,14 @@ class StackedMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
-        dt, r, N = x.dtype, A.shape[0], omega_A.shape[0]
+        dt = x.dtype
         down = down_factors(A, W_r, dt)
-        keep = None
-        if p > 0:  # the mask is F.dropout's own (native_dropout): same RNG stream as `reference`
-            h, keep = torch.native_dropout(x, p, True)
-            a = F.linear(h, down[:r])
-            logits = F.linear(x, down[r:]) if W_r is not None else None  # the router reads the undropped x
-        else:
-            a_logits = F.linear(x, down)  # A x and W_r x in one GEMM
-            a, logits = a_logits[:, :r], (a_logits[:, r:] if W_r is not None else None)
-        G = gate(logits, N, x, dt)
+        a, logits, keep = down_project(x, down, A.shape[0], W_r is not None, p)
+        z, G = stacked_codes(a, logits, omega_A.shape[0])
         ctx.save_for_backward(x, keep, a, G, down, B, omega_A, omega_B)
         ctx.p, ctx.scale, ctx.router = p, scale, W_r is not None
         ctx.set_materialize_grads(False)  # G's gradient is None unless a balance loss used it
-        return (G[:, :, None] * a[:, None, :]).reshape(-1, N * r), G, tied_up(B, omega_A, omega_B, scale, dt)
+        return z, G, tied_up(B, omega_A, omega_B, scale, dt)
 
     @staticmethod
     def backward(ctx, gz, gG, gup):

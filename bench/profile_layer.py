@@ -68,8 +68,7 @@ def counts(args, device, dtype) -> None:
     for r in rows:
         r.append(f"{times[r[0]] / times['LoRA R8']:.2f}")
     print(f"two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, {str(dtype)[6:]} weights, "
-          f"bf16 autocast, "
-          f"dropout {args.dropout}, fwd+bwd")
+          f"bf16 autocast, dropout {args.dropout}, fwd+bwd")
     print_table(["method", "ops", "kernels", "saved MiB", "ms", "time / LoRA"], rows)
 
 
