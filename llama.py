@@ -340,6 +340,8 @@ class Transformer(nn.Module):
 
         Peak host memory is about one copy of the weights in `dtype`: the model is built on `meta`, shards are
         memory-mapped, and each tensor is merged and converted on its own before load_state_dict(assign=True).
+        One shard loaded on the CPU in its stored dtype is not copied at all: the weights are the file's pages
+        (read on first use, shared with the page cache), so do not rewrite the .pth in place while it is in use.
         A sentencepiece tokenizer.model inside ckpt_dir is checked against the vocabulary (CheckpointError
         if they differ); one elsewhere (LLaMA-2 downloads keep it in the parent dir) is checked by the CLI.
         """
@@ -369,10 +371,13 @@ class Transformer(nn.Module):
         state = {}
         for k, shape in expected.items():
             parts = [sd[k] for sd in shards]
-            # copy=True: never leave a parameter backed by the mmapped file (rewriting the file would corrupt it)
-            state[k] = merge_shards(k, parts, shape, paths).to(device, dtype, copy=True)
+            # On the CPU in the file's own dtype, .to() is a no-op: the parameter stays in the memory-mapped file
+            # (a private mapping: pages are read on first use and a write copies the page, never reaching the
+            # file). Anything converted, merged or moved is a copy, and the file pages it was read from go.
+            state[k] = merge_shards(k, parts, shape, paths).to(device, dtype)
             for t in parts:
-                release_pages(t)
+                if t is not state[k]:
+                    release_pages(t)
         model.load_state_dict(state, assign=True)
         return model.eval()
 

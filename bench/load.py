@@ -1,4 +1,4 @@
-"""Peak resident memory of llama.Transformer.from_checkpoint on a synthetic Meta-layout checkpoint.
+"""Time and peak resident memory of llama.Transformer.from_checkpoint on a synthetic Meta-layout checkpoint.
 
     python bench/load.py --device cpu             # 1 GB bf16 checkpoint, loaded as bf16 into host memory
     python bench/load.py --size_gb 4 --n_shards 2 --device cuda
@@ -6,14 +6,16 @@
 Writes params.json + consolidated.NN.pth (random bf16 weights, Meta's key names and model-parallel
 split, vocab_size -1 as in LLaMA-2's params.json) of about --size_gb, then loads it in a fresh
 subprocess that first imports torch and llama (and starts CUDA when loading to a GPU) and records its
-resident memory: the baseline. The loader's cost is reported above that baseline, as a ratio to the
-checkpoint's bytes on disk:
+resident memory: the baseline. The memory of the load and the first forward is reported above that
+baseline, as a ratio to the checkpoint's bytes on disk:
   peak RSS     VmHWM (the kernel's exact high-water mark of resident memory) - baseline VmRSS. Includes the
                checkpoint's file pages while they are memory-mapped (clean page cache the kernel can drop
                and re-read under pressure, but resident all the same).
   peak anon    max RssAnon - baseline RssAnon, sampled every millisecond from /proc/self/status: the
                memory the process itself allocated (the loaded weights, temporaries).
   peak file    max RssFile - baseline RssFile, sampled likewise: mapped file pages (the checkpoint).
+The time is the from_checkpoint call, then the call plus one forward of 8 tokens: a CPU load in the stored
+dtype leaves the weights in the mapped file, and that forward is where they are first read.
 Linux only (/proc). The checkpoint lies in the page cache when it is read (it was just written).
 --repeats N loads it N times, each in a fresh process, and reports the median load (time and memory).
 """
@@ -108,11 +110,17 @@ def child(ckpt_dir: str, load_dtype: str, device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    # A load that leaves the weights in the mapped file reads them here, on first use: count it (time, memory)
+    with torch.no_grad():
+        model(torch.arange(1, 9, device=device)[None])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_logits = time.perf_counter() - t0
     stop.set()
     th.join()
     end = status()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps(dict(base=base, peak=peak, end=end, hwm=end["VmHWM"], seconds=seconds,
+    print(json.dumps(dict(base=base, peak=peak, end=end, hwm=end["VmHWM"], seconds=seconds, first_logits=first_logits,
                           model_bytes=model_bytes, model_device=str(next(model.parameters()).device))))
 
 
@@ -175,13 +183,16 @@ def main(argv: list[str] | None = None) -> None:
          f"{(p['RssAnon'] - b['RssAnon']) / ckpt_bytes:.3f}"],
         ["peak file - baseline (sampled)", f"{(p['RssFile'] - b['RssFile']) / gib:.3f}",
          f"{(p['RssFile'] - b['RssFile']) / ckpt_bytes:.3f}"],
-        ["RSS after load - baseline", f"{(r['end']['VmRSS'] - b['VmRSS']) / gib:.3f}",
+        ["RSS after first forward - baseline", f"{(r['end']['VmRSS'] - b['VmRSS']) / gib:.3f}",
          f"{(r['end']['VmRSS'] - b['VmRSS']) / ckpt_bytes:.3f}"],
     ]
     print()
     print_table(["memory", "GiB", "/ checkpoint"], rows)
     times = ", ".join(f"{x['seconds']:.2f}" for x in runs)
     print(f"load time {r['seconds']:.2f} s (median of {len(runs)} fresh processes: {times})")
+    firsts = sorted(x["first_logits"] for x in runs)
+    print(f"load + first forward (8 tokens) {firsts[len(firsts) // 2]:.2f} s median "
+          f"({', '.join(f'{x:.2f}' for x in firsts)})")
     total = (r["hwm"] - b["VmRSS"]) / ckpt_bytes
     anon = (p["RssAnon"] - b["RssAnon"]) / ckpt_bytes
     print(f"target peak resident memory <= 1.2 x checkpoint: total RSS {total:.3f} -> "

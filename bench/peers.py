@@ -23,13 +23,23 @@ checked to give the same logits. Parts (--parts):
           The generated tokens are compared.
   train   one training step (forward, cross-entropy, backward, clip, AdamW) of LoRA R8 / DoRA R8 on
           w1, w2, w3 (gate/down/up), alpha 32, dropout 0.05, 256 tokens, same model: mor.py vs HF + PEFT.
+  load    a --load_gb bf16 checkpoint written in Meta's layout (bench/load.py's) and the same weights
+          written by HF save_pretrained (safetensors), each loaded in bf16 on the CPU by a fresh process:
+          Transformer.from_checkpoint vs LlamaForCausalLM.from_pretrained, then the logits of 8 tokens.
+          Times: the load call to those logits (after the imports), and the whole process (python start
+          to exit). Both files are in the page cache (just written, then read once by the warm-up round).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 try:
@@ -44,7 +54,7 @@ import common  # noqa: F401  (puts the repo root on sys.path)
 import evaluate as ev
 import llama
 import mor
-from common import random_base
+from common import ROOT, random_base
 
 HF_NAMES = dict(wq="self_attn.q_proj", wk="self_attn.k_proj", wv="self_attn.v_proj", wo="self_attn.o_proj",
                 w1="mlp.gate_proj", w2="mlp.down_proj", w3="mlp.up_proj")
@@ -271,6 +281,61 @@ def part_train(args) -> None:
         report(f"training step {method} R8, 256 tokens", a, b, "step/s", 1, 1.0)
 
 
+LOAD_CHILD = {   # argv[1]: the checkpoint folder; prints the seconds from the load call to the logits, and them
+    "ours": "import llama; model = llama.Transformer.from_checkpoint(d, dtype=torch.bfloat16); fwd = model",
+    "peer": "import transformers; model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16); "
+            "fwd = lambda x: model(input_ids=x).logits",
+}
+
+
+def load_child(side: str, ckpt: str) -> tuple[float, float, torch.Tensor]:
+    """(load call -> logits seconds, whole process seconds, logits) of one fresh process."""
+    code = ("import json, sys, time, torch; d = sys.argv[1]; t0 = time.perf_counter(); " + LOAD_CHILD[side] + "\n"
+            "with torch.no_grad(): y = fwd(torch.arange(1, 9)[None]).float()\n"
+            "print(json.dumps([time.perf_counter() - t0, y[0, -1, :64].tolist()]))")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, ckpt], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"{side} load failed:\n{out.stderr[-2000:]}")
+    seconds, logits = json.loads(out.stdout.strip().splitlines()[-1])
+    return seconds, wall, torch.tensor(logits)
+
+
+def part_load(args) -> None:
+    import load as bench_load   # bench/load.py: the synthetic Meta-layout checkpoint
+    tmp = tempfile.mkdtemp(prefix="peers_load_")
+    try:
+        meta_dir, hf_dir = os.path.join(tmp, "meta"), os.path.join(tmp, "hf")
+        os.makedirs(meta_dir)
+        params, vocab = bench_load.config_for(args.load_gb * 1e9, 2)
+        size = bench_load.write_checkpoint(meta_dir, params, vocab, 1, torch.bfloat16)
+        hf = to_hf(llama.Transformer.from_checkpoint(meta_dir, dtype=torch.bfloat16))
+        hf.to(torch.bfloat16).save_pretrained(hf_dir)
+        del hf
+        print(f"# load: {size / 1e9:.2f} GB bf16 (dim {params['dim']}, {params['n_layers']} layers, vocab {vocab}); "
+              f"HF safetensors {sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 1e9:.2f} GB")
+        times = {"ours": [], "peer": []}
+        for k in range(args.rounds + 1):
+            for side in (("ours", "peer") if k % 2 == 0 else ("peer", "ours")):
+                seconds, wall, logits = load_child(side, meta_dir if side == "ours" else hf_dir)
+                times[side].append((seconds, wall))
+                if side == "ours":
+                    ours_logits = logits
+                else:
+                    peer_logits = logits
+        print(f"# load: logits of the last position (64 of them, up to {ours_logits.abs().max().item():.3g} in size) "
+              f"differ by at most {(ours_logits - peer_logits).abs().max().item():.3g} (bf16 on both sides)")
+        for i, work in enumerate(("load call -> logits of 8 tokens", "fresh process, start to exit")):
+            a = statistics.median(t[i] for t in times["ours"][1:])
+            b = statistics.median(t[i] for t in times["peer"][1:])
+            print(f"{work:42s} ours {a:6.2f} s  peer {b:6.2f} s  ratio {b / a:.3f}  "
+                  f"(ours: {', '.join(f'{t[i]:.2f}' for t in times['ours'][1:])}; "
+                  f"peer: {', '.join(f'{t[i]:.2f}' for t in times['peer'][1:])})", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
@@ -283,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--load_gb", type=float, default=2.17, help="load: checkpoint size in GB")
     args = ap.parse_args(argv)
     import lm_eval
     import peft
@@ -290,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{transformers.__version__}, lm-eval {lm_eval.__version__}, peft {peft.__version__}; "
           f"{args.rounds} alternating rounds, ratio = peer median time / ours (> 1: ours faster)")
     for part in args.parts.split(","):
-        dict(eval=part_eval, decode=part_decode, train=part_train)[part.strip()](args)
+        dict(eval=part_eval, decode=part_decode, train=part_train, load=part_load)[part.strip()](args)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ def test_scaled_rope_matches_llama31_formula():
     torch.testing.assert_close(cos1[0].double(), torch.tensor(want, dtype=torch.float64).cos())
 
 
+
 # ---------------------------------------------------------------- loading Meta's layout
 
 def test_from_checkpoint_matches_in_memory_weights(tiny_ckpt):
@@ -386,6 +387,46 @@ def test_bf16_checkpoint_loads_exactly(tmp_path):
         model = Transformer.from_checkpoint(d, dtype=dtype)
         for k, v in model.state_dict().items():
             assert v.dtype == dtype and torch.equal(v, sd[k].to(torch.bfloat16).to(dtype)), k
+
+
+
+def _mapped_from(path: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of `path` (Linux /proc/self/maps)."""
+    real, out = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == real:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                out.append((lo, hi))
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_stored_dtype_on_cpu_is_the_files_pages_and_writes_stay_private(tmp_path):
+    """One shard on the CPU in its own dtype: every weight lies inside the file's mapping (no copy); a write
+    to a parameter changes the model, not the file. In another dtype, nothing lies in the mapping."""
+    d = str(tmp_path / "ck")
+    sd = write_checkpoint(d)
+    path = os.path.join(d, "consolidated.00.pth")
+    with open(path, "rb") as f:
+        before = f.read()
+    model = Transformer.from_checkpoint(d)   # the tiny checkpoint is fp32, the default dtype
+    ranges = _mapped_from(path)
+    inside = {k: any(lo <= v.data_ptr() < hi for lo, hi in ranges) for k, v in model.state_dict().items()}
+    assert ranges and all(inside.values()), [k for k, v in inside.items() if not v]
+    with torch.no_grad():
+        model.output.weight.add_(1.0)
+        model.layers[0].attention.wq.weight.zero_()
+    assert torch.equal(model.output.weight, sd["output.weight"] + 1.0)
+    with open(path, "rb") as f:
+        assert f.read() == before
+    again = Transformer.from_checkpoint(d)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in sd.items())
+    del model, again
+    converted = Transformer.from_checkpoint(d, dtype=torch.bfloat16)
+    ranges = _mapped_from(path)
+    assert not any(lo <= v.data_ptr() < hi for v in converted.state_dict().values() for lo, hi in ranges)
 
 
 # ---------------------------------------------------------------- decoding: per-row positions, buckets, last_only
