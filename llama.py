@@ -162,9 +162,13 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by angle i of its position. x: [B, T, H, D],
     cos/sin: [T, D/2] or [B, T, D/2]."""
     xf = x.float().unflatten(-1, (-1, 2))          # float32 like Meta: bf16 angles would drift at long range
-    x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos[..., None, :], sin[..., None, :]   # [(B,) T, 1, D/2]: broadcast over heads (and batch)
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    if torch.compiler.is_compiling():   # the rotation written out: inductor fuses it (it cannot fuse complex ops)
+        x0, x1 = xf[..., 0], xf[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    # eager: the same rotation as one complex multiply, (x0 + i x1)(cos + i sin), as Meta writes it: one kernel
+    # instead of six strided ones (5x faster at head dim 8, 12% of a stories260K evaluation; tested equal)
+    return torch.view_as_real(torch.view_as_complex(xf) * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

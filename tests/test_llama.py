@@ -156,6 +156,40 @@ def test_scaled_rope_matches_llama31_formula():
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_eager_and_compiled_forms_equal_pair_rotations(monkeypatch, dtype):
+    """Both forms of apply_rotary_emb (complex multiply in eager, the rotation written out under compile)
+    against a loop rotating every pair (x[2i], x[2i+1]) by pos * theta^(-2i/D), per-row positions included."""
+    B, T, H, D, theta = 2, 5, 3, 8, 500.0
+    x = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(0)).to(dtype)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    want = torch.empty(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            for i in range(D // 2):
+                a = float(pos[b, t]) * theta ** (-2 * i / D)
+                x0, x1 = x[b, t, :, 2 * i].double(), x[b, t, :, 2 * i + 1].double()
+                want[b, t, :, 2 * i] = x0 * math.cos(a) - x1 * math.sin(a)
+                want[b, t, :, 2 * i + 1] = x0 * math.sin(a) + x1 * math.cos(a)
+    cos, sin = precompute_freqs_cis(D, pos, theta)
+    eager = llama.apply_rotary_emb(x, cos, sin)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    written_out = llama.apply_rotary_emb(x, cos, sin)
+    monkeypatch.undo()
+    graphs = []
+
+    def capture(gm, example_inputs):   # dynamo's traced graph, run as is (no inductor)
+        graphs.append(gm)
+        return gm
+    torch._dynamo.reset()
+    traced = torch.compile(llama.apply_rotary_emb, backend=capture, fullgraph=True)(x, cos, sin)
+    assert graphs and not any("complex" in str(n.target) for g in graphs for n in g.graph.nodes)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    for got in (eager, written_out, traced):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
 # ---------------------------------------------------------------- loading Meta's layout
 
 def test_from_checkpoint_matches_in_memory_weights(tiny_ckpt):
