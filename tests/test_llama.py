@@ -155,7 +155,6 @@ def test_scaled_rope_matches_llama31_formula():
     torch.testing.assert_close(cos1[0].double(), torch.tensor(want, dtype=torch.float64).cos())
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_eager_and_compiled_forms_equal_pair_rotations(monkeypatch, dtype):
     """Both forms of apply_rotary_emb (complex multiply in eager, the rotation written out under compile)
@@ -421,7 +420,6 @@ def test_bf16_checkpoint_loads_exactly(tmp_path):
         model = Transformer.from_checkpoint(d, dtype=dtype)
         for k, v in model.state_dict().items():
             assert v.dtype == dtype and torch.equal(v, sd[k].to(torch.bfloat16).to(dtype)), k
-
 
 
 def _mapped_from(path: str) -> list[tuple[int, int]]:
