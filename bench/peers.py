@@ -315,17 +315,13 @@ def part_load(args) -> None:
         del hf
         print(f"# load: {size / 1e9:.2f} GB bf16 (dim {params['dim']}, {params['n_layers']} layers, vocab {vocab}); "
               f"HF safetensors {sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 1e9:.2f} GB")
-        times = {"ours": [], "peer": []}
+        times, logits = {"ours": [], "peer": []}, {}
         for k in range(args.rounds + 1):
             for side in (("ours", "peer") if k % 2 == 0 else ("peer", "ours")):
-                seconds, wall, logits = load_child(side, meta_dir if side == "ours" else hf_dir)
+                seconds, wall, logits[side] = load_child(side, meta_dir if side == "ours" else hf_dir)
                 times[side].append((seconds, wall))
-                if side == "ours":
-                    ours_logits = logits
-                else:
-                    peer_logits = logits
-        print(f"# load: logits of the last position (64 of them, up to {ours_logits.abs().max().item():.3g} in size) "
-              f"differ by at most {(ours_logits - peer_logits).abs().max().item():.3g} (bf16 on both sides)")
+        print(f"# load: logits of the last position (64 of them, up to {logits['ours'].abs().max().item():.3g} in "
+              f"size) differ by at most {(logits['ours'] - logits['peer']).abs().max().item():.3g} (bf16 on both sides)")
         for i, work in enumerate(("load call -> logits of 8 tokens", "fresh process, start to exit")):
             a = statistics.median(t[i] for t in times["ours"][1:])
             b = statistics.median(t[i] for t in times["peer"][1:])
