@@ -172,7 +172,7 @@ def nbytes(obj) -> int:
 
 
 def mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB"
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
 def write_fault(path: str, e: Exception, need: int, out_dir: str) -> str:
