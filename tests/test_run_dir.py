@@ -62,7 +62,7 @@ def test_a_crafted_checkpoint_file_runs_nothing(done, tmp_path, capsys, where):
         code, _, err = run_main(["--resume", run / "ckpt_00000002"], capsys)
         assert code == 1 and not pwned.exists()
         line = one_error_line(err)
-    assert line.startswith(f"error: {path}: unreadable (it holds a ") and "a checkpoint must not run code" in line
+    assert line.startswith(f"error: {path}: unreadable (it refers to ") and "a checkpoint must not run code" in line
     assert snapshot(run) == before
     torch.load(path, weights_only=False)   # the file is live: an unsafe load runs it
     assert pwned.exists()
@@ -75,7 +75,7 @@ def test_a_crafted_fsdp_optimizer_shard_runs_nothing(done, tiny_ckpt, sft, tmp_p
     pwned = tmp_path / "pwned"
     torch.save({"state": {}, "x": Crafted(pwned)}, os.path.join(ckpt, "optim_0.pt"))
     cfg = config(tiny_ckpt, sft, run, fsdp=True, **KW)
-    with pytest.raises(train.CheckpointError, match=re.escape(f"{ckpt}/optim_0.pt: unreadable (it holds a ")):
+    with pytest.raises(train.CheckpointError, match=re.escape(f"{ckpt}/optim_0.pt: unreadable (it refers to ")):
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
         train.restore_checkpoint(ckpt, folder.read_state(ckpt), cfg, None, optimizer, None, 4, 0, 1)
     assert not pwned.exists()

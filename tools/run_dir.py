@@ -87,8 +87,8 @@ def load(path: str, ckpt: str):
     except Exception as e:   # truncated, overwritten, another format, a pickle of objects: several types
         text = str(e).strip()
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        reason = (f"it holds a {unsafe.group(1)} object, which only an unsafe load would create; not loaded, a "
-                  "checkpoint must not run code" if unsafe else
+        reason = (f"it refers to {unsafe.group(1)}, not only tensors and plain values; not loaded: a checkpoint "
+                  "must not run code" if unsafe else
                   f"{type(e).__name__}: {(text.splitlines() or ['file ends early'])[0][:120]}")
         raise CheckpointError(f"{path}: unreadable ({reason}); {older_checkpoint(ckpt)}") from None
 
@@ -171,8 +171,9 @@ def nbytes(obj) -> int:
     return 0
 
 
-def mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+def size(n: float) -> str:
+    return next(f"{n / 2**p:.1f} {unit}" for p, unit in ((30, "GB"), (20, "MB"), (10, "KB"), (0, "bytes"))
+                if n >= 2**p or p == 0)
 
 
 def write_fault(path: str, e: Exception, need: int, out_dir: str) -> str:
@@ -185,10 +186,10 @@ def write_fault(path: str, e: Exception, need: int, out_dir: str) -> str:
     elif free < need:
         why = "the disk is full"
     elif limit != resource.RLIM_INFINITY and limit < need:
-        why = f"over the file-size limit (ulimit -f) of {mb(limit)}"
+        why = f"over the file-size limit (ulimit -f) of {size(limit)}"
     else:
         why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
-    return f"{path}: cannot be written ({why}); it needs about {mb(need)}, {mb(free)} are free in {out_dir}"
+    return f"{path}: cannot be written ({why}); it needs about {size(need)}, {size(free)} are free in {out_dir}"
 
 
 def write_checkpoint(out_dir: str, step: int, raw: torch.nn.Module, optimizer, loader, cfg, rank: int, world: int,
