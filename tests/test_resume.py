@@ -169,7 +169,7 @@ def test_corrupt_latest_checkpoint_offers_the_older_one(done, tmp_path, capsys, 
     a, b = adapter_of(done), adapter_of(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train.checkpoints(run) == [(2, "ckpt_00000002"), (4, "ckpt_00000004")]   # the broken one was replaced
-    torch.load(run / "ckpt_00000004" / broken, weights_only=False)
+    torch.load(run / "ckpt_00000004" / broken, weights_only=True)
 
 
 def test_fresh_run_into_another_runs_folder_stops_before_writing(done, tiny_ckpt, sft, tmp_path, capsys):  # noqa

@@ -138,13 +138,14 @@ def test_checkpoint_over_the_file_size_limit_is_one_line(done, tmp_path):
     line = one_error_line(r.stderr)
     tmp = run / "ckpt_00000004.tmp"
     assert line.startswith(f"error: {tmp / 'adapter.pth'}: cannot be written (over the file-size limit (ulimit -f) "
-                           "of 32.0 KB); it needs about ")
+                           "of 32.0 KB); it needs at least ")
     assert line.endswith(f"; removed {tmp}, ckpt_00000002 and `latest` are unchanged: free some space, then "
                          f"--resume {run}")
-    need = float(re.search(r"it needs about ([\d.]+) KB", line).group(1)) * 1024
-    # the whole checkpoint's tensors: adapter, optimizer (2 moments per trainable), RNG; the files carry a little more
+    need = float(re.search(r"it needs at least ([\d.]+) KB", line).group(1)) * 1024
+    # the whole checkpoint's tensors (adapter, 2 Adam moments, RNG); the files add headers, 64-byte alignment per
+    # tensor and the pickled Python RNG state: about 20% more for a model this small, under 1% for a 7B one
     files = sum(os.path.getsize(run / "ckpt_00000002" / f) for f in os.listdir(run / "ckpt_00000002"))
-    assert 0.8 * files < need < files
+    assert 0.75 * files < need <= files
     assert not tmp.exists() and sorted(os.listdir(run)) == [".lock", "ckpt_00000002", "config.json", "latest",
                                                             "log.jsonl"]
     assert {k: v for k, v in snapshot(run).items() if k.startswith("ckpt_") or k == "latest"} == before
@@ -165,7 +166,7 @@ def test_full_disk_while_writing_state_is_one_line(done, tmp_path, capsys, monke
     assert code == 1
     tmp = run / "ckpt_00000004.tmp"
     assert one_error_line(err).startswith(f"error: {tmp / 'state.pt'}: cannot be written (No space left on device); "
-                                          "it needs about ")
+                                          "it needs at least ")
     assert not tmp.exists()
     assert {k: v for k, v in snapshot(run).items() if k.startswith("ckpt_") or k == "latest"} == before
 

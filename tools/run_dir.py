@@ -161,7 +161,7 @@ def barrier() -> None:
 
 
 def nbytes(obj) -> int:
-    """About the bytes torch.save writes for obj: its tensors' storages (the pickled rest is small)."""
+    """The bytes of obj's tensor storages: what torch.save writes for it, but for its headers and pickled rest."""
     if isinstance(obj, torch.Tensor):
         return obj.untyped_storage().nbytes()
     if isinstance(obj, dict):
@@ -189,7 +189,7 @@ def write_fault(path: str, e: Exception, need: int, out_dir: str) -> str:
         why = f"over the file-size limit (ulimit -f) of {size(limit)}"
     else:
         why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
-    return f"{path}: cannot be written ({why}); it needs about {size(need)}, {size(free)} are free in {out_dir}"
+    return f"{path}: cannot be written ({why}); it needs at least {size(need)}, {size(free)} are free in {out_dir}"
 
 
 def write_checkpoint(out_dir: str, step: int, raw: torch.nn.Module, optimizer, loader, cfg, rank: int, world: int,
