@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -112,6 +113,34 @@ def test_a_second_run_into_a_held_folder_names_the_holder(done, tiny_ckpt, sft, 
     assert code == 0, err
     a, b = adapter_of(done), adapter_of(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_training_processes_one_folder(tiny_ckpt, sft, tmp_path):   # noqa: F811
+    """A real run holds the folder; it is frozen (SIGSTOP) while a second train.py tries, so that any byte the
+    second one wrote would show."""
+    out = tmp_path / "run"
+    args = cli(config(tiny_ckpt, sft, out, max_steps=100000, global_batch=4, micro_batch=4, ckpt_every=1))
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.jsonl").exists() and
+                                              (out / "log.jsonl").read_text().count("\n") >= 2):
+            time.sleep(0.2)
+        first.send_signal(signal.SIGSTOP)
+        before = snapshot(out)
+        for again in (["--resume", str(out)], args):   # a resume, a fresh run
+            second = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + again, env=ENV,
+                                    capture_output=True, text=True, timeout=300, cwd=ROOT)
+            assert second.returncode == 1 and second.stdout == ""
+            assert one_error_line(second.stderr).startswith(f"error: {out}: another run is writing into this "
+                                                            f"folder (pid {first.pid} on {socket.gethostname()}; ")
+            assert snapshot(out) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.send_signal(signal.SIGTERM)   # the first run checkpoints and stops cleanly
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0 and "stopped by signal" in stdout, stderr[-2000:]
 
 
 def test_a_failed_fresh_run_leaves_no_folder(tiny_ckpt, sft, tmp_path, capsys):   # noqa: F811
@@ -253,3 +282,15 @@ def test_extending_a_finished_run_warms_up_again_by_hand():
     # extended again after 2 more steps (not finished): continues from where it is, the first 6 steps kept
     again = train.plan_schedule(cfg, 20, step=6, saved=longer)
     assert [train.lr_lambda(s, min_ratio=0.1, **again) for s in range(6)] == new[:6]
+
+
+def test_a_state_of_plain_values_but_not_a_checkpoint_is_one_line(done, tmp_path, capsys):
+    run = killed_after(done, tmp_path / "run", 4)
+    path = run / "ckpt_00000004" / "state.pt"
+    torch.save({"step": 4, "config": "mor"}, path)   # loads with weights_only=True, but is not train.py's
+    before = snapshot(run)
+    code, _, err = run_main(["--resume", run], capsys)
+    assert code == 1 and one_error_line(err) == (
+        f"error: {path}: not a train.py checkpoint state (no config, loader, world_size, optimizer); the older "
+        f"checkpoint {run / 'ckpt_00000002'} is intact: resume from it with --resume {run / 'ckpt_00000002'}")
+    assert snapshot(run) == before

@@ -97,7 +97,7 @@ def read_state(ckpt: str) -> dict:
     """state.pt of a checkpoint; an unreadable one is one error line offering the older checkpoint."""
     state = load(path := os.path.join(ckpt, "state.pt"), ckpt)
     missing = [k for k in ("step", "config", "loader", "world_size", "optimizer") if not isinstance(state, dict)
-               or k not in state]
+               or k not in state or k == "config" and not isinstance(state[k], dict)]
     if missing:
         raise CheckpointError(f"{path}: not a train.py checkpoint state (no {', '.join(missing)}); "
                               f"{older_checkpoint(ckpt)}")
