@@ -126,7 +126,10 @@ def lock(out_dir: str, rank: int = 0) -> Iterator[None]:
     the folder stops before writing anything, saying which process holds it. The OS releases the lock when the
     process ends however it ends, so a SIGKILLed run can be resumed. A folder this call created is removed
     again if the run fails before writing anything else into it."""
-    created = not os.path.isdir(out_dir)
+    new = [d := os.path.abspath(out_dir)]   # the folders this call creates, innermost first
+    while not os.path.exists(d := os.path.dirname(d)):
+        new.append(d)
+    new = new if not os.path.isdir(out_dir) else []
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock" if rank == 0 else f".lock.{rank}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -145,9 +148,11 @@ def lock(out_dir: str, rank: int = 0) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if created and os.listdir(out_dir) == [os.path.basename(path)]:   # the failed run wrote nothing else
+        if new and os.listdir(out_dir) == [os.path.basename(path)]:   # the failed run wrote nothing else
             os.unlink(path)   # still locked: nobody else can take it in between
-            shutil.rmtree(out_dir, ignore_errors=True)
+            for d in new:
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
         raise
     finally:
         os.close(fd)   # releases the lock
