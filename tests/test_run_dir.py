@@ -7,7 +7,6 @@ import math
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import subprocess
