@@ -8,8 +8,8 @@
 
 Every TrainConfig field is a flag (`--lr 1e-4`, `--compile false`, `--no_compile`, `--targets w1 w2 w3`).
 `train()` reads top to bottom: setup, then the loop (batch, forward_backward, clip, finite check, step, log, eval,
-checkpoint or stop). Everything a checkpoint holds is written by write_checkpoint and read back by
-restore_checkpoint.
+checkpoint or stop). The run folder (lock, checkpoint files, faults) is tools/run_dir.py; a
+checkpoint is written by its write_checkpoint and read back by restore_checkpoint here.
 
 Dtypes on CUDA: the frozen base weights are stored in bf16 (halves memory; they never change, so nothing is
 lost after the one rounding), trainable parameters (adapters; everything for --method full) stay fp32
@@ -29,8 +29,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import time
@@ -45,6 +43,8 @@ import data
 import mor
 from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, setup_distributed, \
     tokenizer_path, under_torchrun
+from tools import run_dir as folder
+from tools.run_dir import checkpoints, find_checkpoint, older_checkpoint, read_state, run_dir, write_checkpoint
 
 METHODS = ("mor", "lora", "dora", "moelora", "moslora", "full")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -242,66 +242,12 @@ def check_out_dir(cfg: TrainConfig) -> None:
                           "resume); choose a new --out_dir")
 
 
-def checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """(step, folder name) of the complete checkpoints in out_dir, oldest first: sorted by step, not by name."""
-    found = [re.fullmatch(r"ckpt_(\d+)", d) for d in os.listdir(out_dir)] if os.path.isdir(out_dir) else []
-    return sorted((int(m.group(1)), m.group(0)) for m in found if m)
-
-
-def run_dir(ckpt: str) -> str:
-    """The run folder (out_dir) a checkpoint folder lives in."""
-    return os.path.dirname(os.path.abspath(ckpt))
-
-
-def find_checkpoint(path: str) -> str:
-    """A checkpoint folder from --resume: an out_dir (its `latest`) or a ckpt_<step> folder itself."""
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "state.pt")):
-        raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected `latest` or state.pt)"
-                                + (f"; {older_checkpoint(path)}" if re.fullmatch(r"ckpt_\d+", os.path.basename(
-                                    os.path.normpath(path))) else ""))
-    return path
-
-
-def older_checkpoint(ckpt: str) -> str:
-    """A hint naming the newest readable checkpoint kept beside ckpt (rotation keeps keep_ckpts of them)."""
-    m = re.fullmatch(r"ckpt_(\d+)", os.path.basename(os.path.normpath(ckpt)))
-    for s, name in reversed(checkpoints(run_dir(ckpt)) if m else []):
-        older = os.path.join(run_dir(ckpt), name)
-        if s >= int(m.group(1)):
-            continue
-        try:   # a probe: any failure means "not this one"
-            torch.load(os.path.join(older, "state.pt"), map_location="cpu", weights_only=False)
-            torch.load(os.path.join(older, "adapter.pth"), map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            continue
-        return f"the older checkpoint {older} is intact: resume from it with --resume {older}"
-    return "no older readable checkpoint is kept beside it"
-
-
-def read_state(ckpt: str) -> dict:
-    """state.pt of a checkpoint; an unreadable one is one error line offering the older checkpoint."""
-    path = os.path.join(ckpt, "state.pt")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:   # truncated, overwritten, other bytes: torch raises several types
-        reason = (str(e).strip().splitlines() or ["file ends early"])[0][:120]
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {reason}); {older_checkpoint(ckpt)}") from None
-
-
 # ----------------------------------------------------------------------------- distributed (llama.setup_distributed)
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- model
@@ -506,16 +452,27 @@ def validation_loss(model: torch.nn.Module, examples: list, micro_batch: int, de
 
 # ----------------------------------------------------------------------------- learning-rate schedule
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, start: int = 0, start_mult: float = 1.0) -> float:
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, start: int = 0, start_mult: float = 1.0,
+              rewarm: int = 0, before: dict | None = None) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine decay that would
     reach min_ratio at step `total` (so no step runs at the final lr).
 
-    A run whose length changed on resume at step `start` continues from start_mult, the multiplier of its last
-    step, with a cosine from there down to min_ratio over the new remaining steps: no jump, and no step at the
-    final lr. Resumed within the warmup, and still longer than it, the warmup goes on and the cosine is laid
-    out for the new length (start 0).
+    A run whose length changed on resume at step `start` keeps its earlier steps' multipliers (`before`, the
+    plan it had) and from `start` on:
+    - stopped before its end (rewarm 0): continues from start_mult, the multiplier of its last step, with a
+      cosine from there down to min_ratio over the new remaining steps: no jump, and no step at the final lr;
+    - finished and extended (rewarm > 0): a warmup of `rewarm` steps from start_mult (the last step's lr) up to
+      1, then a cosine from 1 down to min_ratio, laid out as a new run's over the added steps.
+    Resumed within the warmup, and still longer than it, the warmup goes on and the cosine is laid out for the
+    new length (start 0).
     """
-    if start:
+    if before is not None and step < start:
+        return lr_lambda(step, min_ratio=min_ratio, **before)
+    if start and rewarm:
+        if step - start < rewarm:
+            return start_mult + (1 - start_mult) * (step - start + 1) / rewarm
+        progress, top = min(1.0, (step - start - rewarm) / max(1, total - start - rewarm)), 1.0
+    elif start:
         progress, top = (step - start + 1) / (total - start + 1), start_mult
     elif step < warmup:
         return (step + 1) / warmup
@@ -524,15 +481,22 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, start: int =
     return min_ratio + (top - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def plan_schedule(cfg: TrainConfig, total: int, step: int = 0, saved: dict | None = None) -> dict:
-    """lr_lambda's arguments (but min_ratio): a new run's, a resumed run's as saved, or re-fit to a new length."""
+def plan_schedule(cfg: TrainConfig, total: int, step: int = 0, saved: dict | None = None,
+                  lr_was: float | None = None) -> dict:
+    """lr_lambda's arguments (but min_ratio): a new run's, a resumed run's as saved, or re-fit to a new length.
+    lr_was: the peak the saved plan ran at (the checkpoint's --lr), so an extension warms up from the lr the
+    run really ended at even under a new --lr."""
     if saved is None:
         return {"warmup": round(cfg.warmup_ratio * total), "total": total, "start": 0, "start_mult": 1.0}
     if saved["total"] == total:
         return saved
     if step <= saved["warmup"] < total and not saved["start"]:
         return dict(saved, total=total)
-    return dict(saved, total=total, start=step, start_mult=lr_lambda(step - 1, min_ratio=cfg.min_lr_ratio, **saved))
+    last = lr_lambda(step - 1, min_ratio=cfg.min_lr_ratio, **saved)
+    if saved["total"] <= step < total:   # a finished run made longer: the added steps warm up again
+        return dict(saved, total=total, start=step, start_mult=last * (lr_was or cfg.lr) / cfg.lr,
+                    rewarm=max(1, round(cfg.warmup_ratio * (total - step))), before=saved)
+    return dict(saved, total=total, start=step, start_mult=last, rewarm=0, before=saved)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, schedule: dict, step: int):
@@ -615,45 +579,6 @@ class StepLog:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def write_checkpoint(out_dir: str, step: int, raw: torch.nn.Module, optimizer, loader: data.Loader,
-                     cfg: TrainConfig, rank: int, world: int, extra: dict) -> str:
-    """Write out_dir/ckpt_<step>/ atomically: everything goes to a temp folder that is renamed once complete,
-    then the `latest` pointer is replaced (os.replace), then older checkpoints are deleted. A kill at any
-    moment leaves `latest` naming a complete checkpoint, and rotation never deletes the one just written.
-
-    adapter.pth (mor.save_adapter's file; adapters only), state.pt (optimizer, lr schedule, step, data
-    position, config), rng_<rank>.pt (each rank's RNG states; dropout differs per rank), and under FSDP
-    optim_<rank>.pt (each rank's optimizer shard). restore_checkpoint reads them back.
-    """
-    final = os.path.join(out_dir, f"ckpt_{step:08d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    mor.save_adapter(raw, os.path.join(tmp, "adapter.pth") if rank == 0 else None)   # a collective under FSDP
-    if rank == 0:
-        torch.save({"step": step, "config": dataclasses.asdict(cfg), "loader": loader.state_dict(),
-                    "world_size": world, **extra, "optimizer": None if cfg.fsdp else optimizer.state_dict()},
-                   os.path.join(tmp, "state.pt"))
-    barrier()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
-    torch.save(rng, os.path.join(tmp, f"rng_{rank}.pt"))
-    if cfg.fsdp:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, f"optim_{rank}.pt"))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final) + "\n")
-        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        older = [name for s, name in checkpoints(out_dir) if s < step]   # later ones: a future this run replaces
-        for name in older[:max(0, len(older) - cfg.keep_ckpts + 1)] if cfg.keep_ckpts > 0 else []:
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    barrier()
-    return final
-
-
 def restore_checkpoint(ckpt: str, state: dict, cfg: TrainConfig, raw: torch.nn.Module, optimizer,
                        loader: data.Loader, total: int, rank: int, world: int) -> tuple[int, int, dict]:
     """Everything write_checkpoint wrote, back in place: adapter (or full) weights, optimizer, lr schedule (re-fit
@@ -665,31 +590,20 @@ def restore_checkpoint(ckpt: str, state: dict, cfg: TrainConfig, raw: torch.nn.M
             mor.load_adapter(raw, os.path.join(ckpt, "adapter.pth"))
         except ValueError as e:   # truncated or overwritten: offer the checkpoint before it
             raise CheckpointError(f"{e}; {older_checkpoint(ckpt)}") from None
-    optimizer.load_state_dict(torch.load(os.path.join(ckpt, f"optim_{rank}.pt"), weights_only=False)
-                              if cfg.fsdp else state["optimizer"])
+    optimizer.load_state_dict(folder.load(os.path.join(ckpt, f"optim_{rank}.pt"), ckpt) if cfg.fsdp
+                              else state["optimizer"])
     try:
         loader.load_state_dict(state["loader"])
     except data.DataError as e:
         raise ConfigError(f"--resume {ckpt}: {e}: the --data files changed since this checkpoint") from None
-    rng_path = os.path.join(ckpt, f"rng_{rank}.pt")
-    if os.path.isfile(rng_path) and state["world_size"] == world:   # continue each rank's dropout exactly
-        rng = torch.load(rng_path, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.set_rng_state(rng["cuda"])
-    else:   # another number of processes: same data order, fresh dropout streams
-        torch.manual_seed(cfg.seed + 1000 * rank + step)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if rank == 0 and os.path.isfile(log_path):   # the steps after the checkpoint run again
-        with open(log_path) as f:
-            kept = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+    if not folder.restore_rng(ckpt, rank, state["world_size"] == world):   # continue each rank's dropout exactly
+        torch.manual_seed(cfg.seed + 1000 * rank + step)   # another number of processes: fresh dropout streams
+    if rank == 0:
+        folder.trim_log(cfg.out_dir, step)   # the steps after the checkpoint run again
     old = state["config"]   # checkpoints written before the schedule was saved: their run's plan
     saved = state.get("schedule") or plan_schedule(cfg, old["max_steps"] if old["max_steps"] > 0 else
                                                    old["epochs"] * loader.steps_per_epoch)
-    return step, state.get("tokens_seen", 0), plan_schedule(cfg, total, step, saved)
+    return step, state.get("tokens_seen", 0), plan_schedule(cfg, total, step, saved, old["lr"])
 
 
 # ----------------------------------------------------------------------------- training
@@ -757,6 +671,13 @@ def train(cfg: TrainConfig) -> torch.nn.Module | None:
     """Run training as configured; returns the trained (unwrapped) model, or None when a resumed run had
     nothing left to do. See the module doc."""
     check_config(cfg)
+    folder.check_writable(cfg.out_dir)   # before data and model are loaded
+    with folder.lock(cfg.out_dir, int(os.environ.get("RANK", 0))):   # one run per folder, held by every rank
+        return train_locked(cfg)
+
+
+def train_locked(cfg: TrainConfig) -> torch.nn.Module | None:
+    """train() once this process holds the run folder."""
     ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     state = read_state(ckpt) if ckpt else None
     if ckpt:   # nothing is written before these checks
@@ -827,7 +748,7 @@ def train(cfg: TrainConfig) -> torch.nn.Module | None:
             if stopping:
                 raise Interrupted(f"stopped by signal at step {step}; checkpoint {last_ckpt}; continue with "
                                   f"--resume {cfg.out_dir}", (signalled or [signal.SIGTERM])[0])
-    mor.save_adapter(raw, os.path.join(cfg.out_dir, "adapter.pth") if rank == 0 else None)
+    folder.save_adapter(raw, cfg.out_dir, rank)
     log(rank, f"done: {step} steps, adapter in {os.path.join(cfg.out_dir, 'adapter.pth')}"
               + (f", val loss {steplog.val_loss:.4f}" if steplog.val_loss is not None else ""))
     log(rank, f"data: {stats['n_bad']} bad line(s) skipped, {stats['n_dropped_empty']} example(s) dropped "

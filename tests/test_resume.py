@@ -97,20 +97,21 @@ def test_resume_with_nothing_left_says_so_and_writes_nothing(done, tmp_path, cap
     assert snapshot(run) == before
 
 
-def test_resume_extends_the_schedule_without_jump_or_zero(done, tmp_path, capsys):
+def test_resume_extends_a_finished_run_with_its_own_warmup_and_cosine(done, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(done, run)
     code, out, err = run_main(["--resume", run, "--max_steps", 8], capsys)
     assert code == 0, err
     lrs = [r["lr"] for r in log_of(run)]
     assert [r["step"] for r in log_of(run)] == list(range(1, 9))
-    # by hand: 4 steps, no warmup (round(0.03 * 4) = 0): lr_k = peak * (1 + cos(pi k / 4)) / 2, k = 0..3; the
-    # extension continues from the last multiplier m = (1 + cos(3 pi / 4)) / 2 with a cosine over 5 intervals
-    peak, m = KW["lr"], (1 + math.cos(3 * math.pi / 4)) / 2
+    # by hand: 4 steps, no warmup (round(0.03 * 4) = 0): lr_k = peak * (1 + cos(pi k / 4)) / 2, k = 0..3, as run;
+    # the 4 added steps: a warmup of max(1, round(0.03 * 4)) = 1 step from the last lr up to the peak, then the
+    # cosine of a new 4-step run with that warmup: (1 + cos(pi j / 3)) / 2, j = 0..2
+    peak = KW["lr"]
     expected = [peak * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)] + \
-               [peak * m * (1 + math.cos(math.pi * j / 5)) / 2 for j in range(1, 5)]
+               [peak] + [peak * (1 + math.cos(math.pi * j / 3)) / 2 for j in range(3)]
     assert lrs == pytest.approx(expected, rel=1e-12)
-    assert all(lr > 0 for lr in lrs) and all(b < a for a, b in zip(lrs[1:], lrs[2:]))   # no zero, no jump up
+    assert lrs[:4] == [r["lr"] for r in log_of(done)]   # the steps already run are untouched
     assert json.load(open(run / "config.json"))["max_steps"] == 8   # a later --resume alone keeps the new length
 
 
@@ -130,7 +131,7 @@ def test_resume_lr_applies(done, tmp_path, capsys):
     lrs = [r["lr"] for r in log_of(run)]
     # steps 3, 4 of the unchanged 4-step cosine at the new peak: multipliers (1 + cos(pi k / 4)) / 2, k = 2, 3
     assert lrs[2:] == pytest.approx([1e-3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in (2, 3)], rel=1e-12)
-    state = torch.load(run / "ckpt_00000004" / "state.pt", weights_only=False)
+    state = torch.load(run / "ckpt_00000004" / "state.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["initial_lr"] == 1e-3   # the optimizer's peak, not only the log
     assert lrs[:2] == [r["lr"] for r in log_of(done)][:2]
 
@@ -168,7 +169,7 @@ def test_corrupt_latest_checkpoint_offers_the_older_one(done, tmp_path, capsys, 
     a, b = adapter_of(done), adapter_of(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train.checkpoints(run) == [(2, "ckpt_00000002"), (4, "ckpt_00000004")]   # the broken one was replaced
-    torch.load(run / "ckpt_00000004" / broken, weights_only=False)
+    torch.load(run / "ckpt_00000004" / broken, weights_only=True)
 
 
 def test_fresh_run_into_another_runs_folder_stops_before_writing(done, tiny_ckpt, sft, tmp_path, capsys):  # noqa
