@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
                            + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)])
         # CUDA graphs replay into their own memory pool, outside the allocator's counters: no peak to report
         peaks[label] = float("nan") if graphs else base_bytes + own + peak_bytes(step, device)
+        peak = "no peak memory under CUDA graphs" if graphs else f"peak {peaks[label] / 2**30:.3f} GiB"
         print(f"{label}: {warmup} warm-up step(s) {warm_s:.1f} s (the first{' compiles and' if args.compile else ''}"
-              f" creates the optimizer state), peak {peaks[label] / 2**30:.3f} GiB", flush=True)
+              f" creates the optimizer state), {peak}", flush=True)
     times = interleaved(steps, device, 0, repeats, paired_ref="LoRA R8", echo=True)
     rows = []
     flops = frozen_flops_per_token(base, seq_len)
