@@ -403,9 +403,15 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict], device: 
 
     Each micro-batch contributes sum(token losses) / N_global, N_global = supervised tokens of the whole
     global batch. DDP and FSDP average gradients over ranks, hence the factor world_size. Gradients are
-    synchronised only on the last micro-batch.
+    synchronised only on the last micro-batch. Gradients accumulate in place into .grad buffers made here,
+    outside any backward: under CUDA graphs (--compile_mode reduce-overhead) a compiled backward's outputs live
+    in the graph's memory pool, which the next micro-batch's replay overwrites, so a .grad taken over from the
+    first backward would be overwritten too. Zero them with zero_grad(set_to_none=False) to keep them.
     """
     raw = raw if raw is not None else model
+    for p in raw.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     n_global = int(all_reduce(torch.tensor(count_targets(micro_batches), device=device)))
     loss_total = torch.zeros((), device=device)
     for i, mb in enumerate(micro_batches):
@@ -729,7 +735,7 @@ def train_locked(cfg: TrainConfig) -> torch.nn.Module | None:
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)   # the .grad buffers stay: see forward_backward
             step += 1
             if on_cuda:
                 torch.cuda.synchronize()   # time the step, not its kernel launches

@@ -78,6 +78,8 @@ def add_device_args(ap: argparse.ArgumentParser) -> None:
 
 
 def setup_device(args: argparse.Namespace) -> torch.device:
+    # each printed line reaches a pipe or log file at once: a run stopped by a time limit keeps what it printed
+    sys.stdout.reconfigure(line_buffering=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     if args.threads and args.device == "cpu":
@@ -119,17 +121,19 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
-                paired_ref: str | None = None, progress: bool = True) -> dict[str, list[float]]:
+                paired_ref: str | None = None, progress: bool = True, echo: bool = False) -> dict[str, list[float]]:
     """Per-call seconds of each fn over `repeats` rounds, after `warmup` untimed rounds, round-robin.
 
     With paired_ref, every other fn runs right after a call of fns[paired_ref] of its own, whose time is
     stored under "<paired_ref>><name>": ratio() divides by it, so slow drift on a shared machine cancels.
+    echo: print each timed round's times as it ends (flushed, instead of the progress bar), so a run stopped
+    by a time limit keeps the rounds it finished.
     """
     names = list(fns)
     others = [n for n in names if n != paired_ref]
     times = {n: [] for n in names}
     rounds = range(warmup + repeats)
-    if progress:
+    if progress and not echo:
         from tqdm import tqdm
         rounds = tqdm(rounds, desc="rounds", leave=False, file=sys.stderr)
     for k in rounds:
@@ -144,6 +148,11 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warm
                     times.setdefault(key, []).append(t)
                     if key != fn_name:
                         times[fn_name].append(t)
+        if echo and k >= warmup:
+            print(f"round {k - warmup + 1}/{repeats}: " + " | ".join(
+                f"{n} {times[n][-1] * 1e3:.2f} ms" + (f" ({times[n][-1] / times[f'{paired_ref}>{n}'][-1]:.3f} x "
+                                                      f"{paired_ref} before it)" if paired_ref and n != paired_ref
+                                                      else "") for n in names), flush=True)
     return times
 
 

@@ -16,6 +16,8 @@ merged, as MoR cannot (G depends on x). MoR is checked first: its decoded logits
 replays it: the GPU time without Python and kernel-launch overhead. --compile MODE times the decoding step
 under torch.compile(mode=MODE, fullgraph=True) as well: elementwise work fused into fewer kernels (MoR's
 softmax and outer product, B̃, the norms), and with reduce-overhead replayed as CUDA graphs by torch.compile.
+Figures are printed as soon as they exist: each model's capture or compilation time, then every timed round,
+then each mode's table.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import argparse
 import copy
 import functools
 import statistics
+import time
 
 import torch
 
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", default=None, metavar="MODE",
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="also time the decoding step under torch.compile with this mode")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend for --compile (aot_eager: "
+                                                          "Dynamo's capture alone, for a quick check)")
     args = ap.parse_args(argv)
     device = setup_device(args)
     cuda = device.type == "cuda"
@@ -158,25 +163,32 @@ def main(argv: list[str] | None = None) -> None:
             r = statistics.median(a / b for a, b in zip(times["MoR E8R8"], times[ref]))
             print(f"target MoR decode <= 1.10 x merged LoRA ({mode}): {r:.3f} -> {'met' if r <= 1.10 else 'MISSED'}")
 
-    report("eager", time_rounds({label: decoder(*models[label]) for label in labels}, device, warmup, repeats))
+    report("eager", time_rounds({label: decoder(*models[label]) for label in labels}, device, warmup, repeats,
+                                n_new, "eager"))
     makers = {"cuda graph": graph_decoder} if args.cuda_graph else {}
     if args.compile:
-        makers[f"torch.compile, mode {args.compile}"] = functools.partial(compiled_decoder, mode=args.compile)
+        makers[f"torch.compile, mode {args.compile}, {args.backend}"] = functools.partial(
+            compiled_decoder, mode=args.compile, backend=args.backend)
     for mode, make in makers.items():
         fns = {}
         for label in labels:
             try:  # built and run once here: capture or compilation errors are reported, not hidden
+                t0 = time.perf_counter()
                 fns[label] = make(*models[label], prompt_len, n_new)
                 fns[label]()
+                sync(device)
+                print(f"# {mode}, {label}: built and run once in {time.perf_counter() - t0:.1f} s")
             except Exception as e:
                 print(f"# {mode} failed for {label}: {type(e).__name__}: {e}")
                 fns.pop(label, None)
         if ref in fns:
-            report(mode, time_rounds(fns, device, warmup, repeats))
+            report(mode, time_rounds(fns, device, warmup, repeats, n_new, mode))
 
 
-def time_rounds(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per round of each fn, round-robin with a rotating order (see bench/common.py)."""
+def time_rounds(fns: dict, device: torch.device, warmup: int, repeats: int, n_new: int, mode: str
+                ) -> dict[str, list[float]]:
+    """Seconds per round of each fn, round-robin with a rotating order (see bench/common.py); each timed
+    round's per-token times are printed as it ends."""
     names, times = list(fns), {n: [] for n in fns}
     for k in range(warmup + repeats):
         for n in names[k % len(names):] + names[:k % len(names)]:
@@ -184,6 +196,9 @@ def time_rounds(fns: dict, device: torch.device, warmup: int, repeats: int) -> d
             t = time_once(fns[n], device)
             if k >= warmup:
                 times[n].append(t)
+        if k >= warmup:
+            print(f"{mode}, round {k - warmup + 1}/{repeats}: "
+                  + " | ".join(f"{n} {times[n][-1] / n_new * 1e3:.2f} ms/token" for n in names))
     return times
 
 
@@ -217,7 +232,7 @@ def graph_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int):
     return run
 
 
-def compiled_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int, mode: str):
+def compiled_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int, mode: str, backend: str = "inductor"):
     """The decoding step under torch.compile(mode=mode, fullgraph=True); the position is a tensor, so one
     compiled graph (and, with CUDA graphs, one recorded graph) serves every step. The first call compiles:
     the warm-up rounds absorb it. Inductor's freezing treats the (frozen, inference-only) weights as constants
@@ -226,7 +241,7 @@ def compiled_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int, mo
     import torch._inductor.config
     torch._inductor.config.freezing = True  # process-wide; this script only ever runs inference
     step = torch.compile(lambda tok, pos: model(tok, start_pos=pos)[:, -1].argmax(-1, keepdim=True),
-                         mode=mode, fullgraph=True)
+                         mode=mode, fullgraph=True, backend=backend)
 
     @torch.no_grad()
     def run():

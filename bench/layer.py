@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                                          f"{d_in}->{d_out}: the benchmark would compare different computations")
                     print(f"# check {d_in}->{d_out}: naive eq. 12 loop vs mor.MoRLinear (training path, "
                           f"output and gradients), max relative diff {err:.1e}")
-            times[(d_in, d_out)] = interleaved(fns, device, warmup, repeats, paired_ref="frozen base")
+            print(f"# {d_in}->{d_out}, batch {batch}:")   # then each round's times as it ends
+            times[(d_in, d_out)] = interleaved(fns, device, warmup, repeats, paired_ref="frozen base", echo=True)
             for label, fn in fns.items():  # memory and op counts after warm-up: one more pass each
                 resident = tensor_bytes(list(layers[label].parameters()) + [x])
                 peaks[label] = peaks.get(label, 0) + resident + peak_bytes(fn, device)

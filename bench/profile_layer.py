@@ -90,6 +90,8 @@ def compiled(args, device, dtype) -> None:
 
             def backend(gm, example_inputs):  # counts captures, then compiles as inductor does
                 frames.append(gm)
+                if args.backend == "eager":   # --backend eager: Dynamo's capture alone, run as captured
+                    return gm.forward
                 from torch._inductor.compile_fx import compile_fx
                 return compile_fx(gm, example_inputs)
             fn = torch.compile(block, backend=backend, dynamic=False)
@@ -106,7 +108,9 @@ def compiled(args, device, dtype) -> None:
             gemms = sum(n in ("aten::mm", "aten::addmm", "aten::bmm") for n in names)
             breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
             rows.append([label, "on" if record else "off", len(frames), breaks, fused, gemms])
-    print(f"compiled block (inductor), two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, "
+            print(f"{label}, recording {rows[-1][1]}: {len(frames)} graph(s), {breaks} graph break(s), {fused} fused "
+                  f"kernels, {gemms} GEMMs")   # as measured: a run stopped by a time limit keeps it
+    print(f"\ncompiled block ({args.backend}), two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, "
           f"{args.steps} training steps")
     print_table(["method", "recording", "graphs", "graph breaks", "fused kernels", "GEMMs"], rows)
 
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="--compiled: training steps before the profile")
     ap.add_argument("--counts_only", action="store_true")
     ap.add_argument("--compiled", action="store_true")
+    ap.add_argument("--backend", choices=["inductor", "eager"], default="inductor",
+                    help="--compiled: eager runs the captured graphs as they are (a quick check of the capture)")
     args = ap.parse_args(argv)
     small = args.counts_only or args.compiled
     args.tokens = args.tokens or (64 if small else 1024)

@@ -6,6 +6,9 @@
     python bench/step.py --device cuda --compile_mode reduce-overhead --n_layers 8   # compiled + CUDA graphs
     python bench/step.py --device cpu --preset small --seq_len 256
 
+Each method's figures are printed as soon as they exist (flushed): its warm-up steps (the first compiles)
+and peak memory right after it is built, then every timed round; the table and targets come last.
+
 The step is train.py's: train.forward_backward (bf16 autocast on CUDA), clip_grad_norm_(1.0), AdamW
 (fused on CUDA), zero_grad. Adapters on w1, w2, w3 with the paper's r=8, alpha=32, dropout 0.05. All
 methods share one frozen base (its weights are stored once) and are timed round-robin in one process,
@@ -25,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import torch
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 from common import add_device_args, add_model_args, interleaved, machine, median, min_ratio, model_config, \
-    peak_bytes, print_table, random_base, ratio, setup_device, tensor_bytes
+    peak_bytes, print_table, random_base, ratio, setup_device, sync, tensor_bytes
 import mor
 from llama import ModelArgs, Transformer
 
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="MoR E8R8,LoRA R8,MoELoRA E8R8,DoRA R8",
                     help=f"comma-separated, from {list(METHODS)}; LoRA R8 is the reference")
     ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: 3 CUDA, 1 CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per method, run right after it is "
+                                                             "built (default: 3 CUDA, 1 CPU; at least 1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 10 CUDA, 4 CPU)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile every transformer block with train.wrap_blocks, as train.py does on CUDA "
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile's mode for --compile (implies it); reduce-overhead and max-autotune also "
                          "replay each compiled block as a CUDA graph, which removes the per-kernel launch cost")
+    ap.add_argument("--backend", default="inductor",
+                    help="torch.compile backend for --compile (aot_eager: Dynamo's capture without code generation, "
+                         "for a quick check)")
     args = ap.parse_args(argv)
     args.compile = args.compile or args.compile_mode is not None
     device = setup_device(args)
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     import train  # the real training step (forward_backward) and its peak-FLOPs table
     preset, cfg = model_config(args, cuda)
     seq_len = args.seq_len or (1024 if cuda else 128)
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    # at least one: the first step compiles and creates the optimizer state, which the peak memory counts
+    warmup = max(1, args.warmup if args.warmup is not None else (3 if cuda else 1))
     repeats = args.repeats if args.repeats is not None else (10 if cuda else 4)
     labels = [s.strip() for s in args.methods.split(",") if s.strip()]
     if bad := [s for s in labels if s not in METHODS]:
@@ -92,13 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     base_dtype = torch.bfloat16 if cuda else torch.float32
     params = ModelArgs(**cfg, max_seq_len=seq_len, max_batch_size=args.batch)
 
-    compiled = f", torch.compile per block (mode {args.compile_mode or 'default'})" if args.compile else ""
+    compiled = f", torch.compile per block (mode {args.compile_mode or 'default'}, {args.backend})" if args.compile \
+        else ""
     print(f"# bench/step.py: training step of a random-weight LLaMA, preset {preset}: dim {cfg['dim']}, "
           f"{cfg['n_layers']} layers{' (--n_layers override)' if args.n_layers else ''}, vocab {cfg['vocab_size']}")
     print(f"# {machine(device)}")
     print(f"# base {str(base_dtype).replace('torch.', '')} frozen, adapters fp32 on w1,w2,w3 r=8 alpha=32 dropout "
           f"{args.dropout}{', bf16 autocast' if cuda else ''}{compiled}; "
-          f"batch {args.batch} x seq_len {seq_len}; {warmup} warm-up + {repeats} timed rounds")
+          f"batch {args.batch} x seq_len {seq_len}; {warmup} warm-up step(s) per method, then {repeats} timed rounds")
 
     base = random_base(params, device, base_dtype, args.seed)
     base_bytes = tensor_bytes(base.parameters())
@@ -106,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, cfg["vocab_size"], (args.batch, seq_len), generator=g)
     micro = [{"input_ids": tokens, "labels": tokens.clone(), "lengths": torch.full((args.batch,), seq_len)}]
-    steps, states = {}, {}
-    for label in labels:
+    steps, states, peaks = {}, {}, {}
+    for label in sorted(labels, key=lambda s: s != "LoRA R8"):  # the reference first: every ratio needs it
         method, hyper = METHODS[label]
         model = copy.deepcopy(base, memo=dict(shared))
         torch.manual_seed(args.seed)
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         opt = torch.optim.AdamW(trainable, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=cuda)
         if args.compile:
             # exactly train.py's per-block compile
-            train.wrap_blocks(model, compile=True, grad_ckpt=False, mode=args.compile_mode)
+            train.wrap_blocks(model, compile=True, grad_ckpt=False, mode=args.compile_mode, backend=args.backend)
 
         def step(model=model, trainable=trainable, opt=opt):
             if graphs:
@@ -125,18 +135,26 @@ def main(argv: list[str] | None = None) -> None:
             train.forward_backward(model, micro, device, autocast=cuda, raw=model)
             float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))  # train.py reads the norm: a sync
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)  # as train.py: the .grad buffers stay (see train.forward_backward)
         steps[label] = step
         states[label] = (model, trainable, opt)
-    times = interleaved(steps, device, warmup, repeats, paired_ref="LoRA R8")
-    rows, peaks = [], {}
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        sync(device)
+        warm_s = time.perf_counter() - t0
+        # after warm-up, so gradients and optimizer state exist and count as resident
+        own = tensor_bytes(trainable + [p.grad for p in trainable if p.grad is not None]
+                           + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)])
+        # CUDA graphs replay into their own memory pool, outside the allocator's counters: no peak to report
+        peaks[label] = float("nan") if graphs else base_bytes + own + peak_bytes(step, device)
+        peak = "no peak memory under CUDA graphs" if graphs else f"peak {peaks[label] / 2**30:.3f} GiB"
+        print(f"{label}: {warmup} warm-up step(s) {warm_s:.1f} s (the first{' compiles and' if args.compile else ''}"
+              f" creates the optimizer state), {peak}", flush=True)
+    times = interleaved(steps, device, 0, repeats, paired_ref="LoRA R8", echo=True)
+    rows = []
     flops = frozen_flops_per_token(base, seq_len)
     peak_fl = train.peak_flops(device) if cuda else 0.0
-    for label in labels:  # after warm-up, so the optimizer state exists and counts as resident
-        model, trainable, opt = states[label]
-        own = tensor_bytes(trainable + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)])
-        # CUDA graphs replay into their own memory pool, outside the allocator's counters: no peak to report
-        peaks[label] = float("nan") if graphs else base_bytes + own + peak_bytes(steps[label], device)
     ref = "LoRA R8"
     for label in labels:
         t = median(times[label])

@@ -101,3 +101,53 @@ def test_peers_without_its_venv_is_a_one_line_error():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "peers.py")], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert res.returncode != 0 and res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+
+
+# what each part of bench/gpu.sh prints once it has measured something (at tiny CPU shapes with --dry-run)
+GPU_SH_FIGURES = {
+    "tests": [" skipped"],   # no CUDA here: the CUDA tests are collected and skipped
+    "step": ["LoRA R8: 1 warm-up step(s)", "round 1/1: LoRA R8", "target MoR E8R8 step <= 1.05 x LoRA R8:"],
+    "step-compiled": ["MoR E8R8: 1 warm-up step(s)", "(the first compiles", "round 1/1: LoRA R8",
+                      "target MoR E8R8 step <= 1.05 x LoRA R8:"],
+    "step-graphs": ["MoR E8R8: 1 warm-up step(s)", "mode reduce-overhead", "round 1/1: LoRA R8",
+                    "target MoR E8R8 step <= 1.05 x LoRA R8:"],
+    "decode": ["eager, round 1/1: frozen base", "target MoR decode <= 1.10 x merged LoRA (eager):"],
+    "decode-compiled": ["MoR E8R8: built and run once in", "reduce-overhead, aot_eager, round 1/1:",
+                        "target MoR decode <= 1.10 x merged LoRA (torch.compile"],
+    "profile": ["== LoRA R8: wall", "== MoR E8R8: wall"],
+    "profile-compiled": ["LoRA R8, recording off: 1 graph(s), 0 graph break(s)",
+                         "MoR E8R8, recording on: 1 graph(s), 0 graph break(s)"],
+    "layer": ["round 1/1: frozen base", "target MoR E8R8 fwd+bwd <= 1.10 x frozen base:"],
+    "load": ["target peak resident memory <= 1.2 x checkpoint:"],
+}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="bench/load.py reads /proc (Linux)")
+def test_gpu_sh_dry_run_runs_every_part(tmp_path):
+    """bash bench/gpu.sh --dry-run: every part at tiny shapes on the CPU, each exits 0 and prints its figures
+    as it goes, and $OUT/gpu.log holds the same output."""
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    res = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    out = res.stdout
+    for part, figures in GPU_SH_FIGURES.items():
+        section = re.search(rf"^== {part}: .*?^-- {part}: exit (\d+)", out, re.S | re.M)
+        assert section and section[1] == "0", part
+        for fig in figures:
+            assert fig in section[0], (part, fig)
+    assert "== every part exited 0" in out
+    assert open(tmp_path / "gpu.log").read() == out
+
+
+def test_gpu_sh_reports_a_part_over_its_cap(tmp_path):
+    """A part stopped by its time limit is named as failed and makes the exit status non-zero; what it printed
+    before the limit stays in the output (a fake interpreter that prints one line, then hangs)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0   # the device line\necho first figure\nexec sleep 300\n')
+    fake.chmod(0o755)
+    res = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "profile"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env=dict(os.environ, PYTHON=str(fake)))
+    assert res.returncode == 1
+    assert re.search(r"first figure\n-- profile: exit 124 \(time limit\), 1[5-9] s", res.stdout), res.stdout
+    assert "== failed: profile" in res.stdout

@@ -125,6 +125,52 @@ def test_grad_accumulation_matches_one_big_batch(tiny_ckpt, sft):
         assert ref[n].abs().max() > 0, n
 
 
+class ReplayedScale(torch.autograd.Function):
+    """y = x * w whose backward writes dL/dw into one buffer that every call reuses, as a CUDA graph replay
+    writes a compiled backward's outputs to the same memory-pool addresses each time (the device-independent
+    part of --compile_mode reduce-overhead)."""
+    out = None
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if ReplayedScale.out is None:
+            ReplayedScale.out = torch.empty(x.shape[-1])
+        ReplayedScale.out.copy_((g * x).sum((0, 1)))
+        return g * 0, ReplayedScale.out.view(-1)   # a fresh alias: autograd may take it over as .grad
+
+
+def test_accumulation_survives_backward_outputs_being_overwritten():
+    """forward_backward over 2 micro-batches (2 steps) gives the gradient of the whole batch even when each
+    backward's output memory is overwritten by the next one; reference: plain autograd, one loop over every
+    token of the whole batch. Taking the first backward's output over as .grad would give 2 g2, not g1 + g2."""
+    g = torch.Generator().manual_seed(0)
+    emb, head = torch.randn(11, 6, generator=g), torch.randn(6, 11, generator=g)
+    w = torch.nn.Parameter(torch.randn(6, generator=g))
+
+    def model(ids):
+        return ReplayedScale.apply(emb[ids], w) @ head
+    model.parameters = lambda: [w]   # all forward_backward asks of a model besides calling it
+    for step in range(2):
+        ids = torch.randint(0, 11, (4, 5), generator=g)
+        mbs = [{"input_ids": ids[i:i + 2], "labels": ids[i:i + 2]} for i in (0, 2)]
+        if step:
+            w.grad.zero_()   # what zero_grad(set_to_none=False) does
+        train.forward_backward(model, mbs, torch.device("cpu"))
+        ref = torch.zeros(())
+        wr = w.detach().clone().requires_grad_()
+        for row in ids:
+            logp = F.log_softmax((emb[row] * wr) @ head, dim=-1)
+            ref = ref - sum(logp[t - 1, row[t]] for t in range(1, len(row)))
+        (expected,) = torch.autograd.grad(ref / (4 * 4), wr)
+        torch.testing.assert_close(w.grad, expected, rtol=1e-5, atol=1e-6)   # fp32, sums of 16 tokens
+
+
 # End-to-end equality after Adam steps uses LoRA or MoR's mean router: at MoR's init every expert is the same
 # (Ω = 1), so the learned router's gradient is pure rounding noise (exactly 0 in exact arithmetic), which Adam
 # rescales to updates of size lr·noise/eps that differ with summation order. Gradients are compared above.
@@ -425,6 +471,42 @@ def test_cuda_compile_matches_eager(tiny_ckpt):
         e_eager, e_comp = (geager[n] - ref).norm(), (gcomp[n] - ref).norm()
         assert e_comp <= 2 * e_eager + 1e-3 * ref.norm(), (n, e_comp.item(), e_eager.item())
         assert e_comp <= 0.2 * ref.norm(), n
+
+
+@CUDA
+def test_cuda_reduce_overhead_accumulation_matches_eager(tiny_ckpt):
+    """--compile_mode reduce-overhead with 2 micro-batches per step: every adapter gradient of 3 steps equals
+    eager's (the first run of a graph warms up, the second records it, the third replays it).
+
+    fp32 on both sides, TF32 off: the two differ only by inductor's fusion and summation order over at most
+    a few hundred terms (~1e-6 relative); a micro-batch lost or counted twice is an O(1) difference."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tokens = torch.randint(0, 300, (3, 2, 2, 32), generator=torch.Generator().manual_seed(0))
+
+    def run(mode):
+        model = Transformer.from_checkpoint(tiny_ckpt, device="cuda")
+        model.train()
+        torch.manual_seed(0)
+        mor.add_adapters(model, "mor", r=4, num_experts=3, dropout=0.0)   # eager's RNG is not inductor's
+        with torch.no_grad():   # B != 0, unequal experts: every adapter parameter gets a real gradient
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        train.wrap_blocks(model, compile=mode is not None, grad_ckpt=False, mode=mode, buckets=1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        out = []
+        for step in tokens:
+            model.zero_grad(set_to_none=False)
+            train.forward_backward(model, [{"input_ids": t, "labels": t} for t in step], torch.device("cuda"))
+            out.append([p.grad.clone() for p in params])
+        return out
+
+    eager = run(None)
+    torch._dynamo.reset()
+    for step, (graphs, ref) in enumerate(zip(run("reduce-overhead"), eager)):
+        for g, r in zip(graphs, ref):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * r.abs().max().item(),
+                                       msg=lambda m, s=step: f"step {s}: {m}")
 
 
 @CUDA
