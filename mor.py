@@ -523,6 +523,13 @@ class StackedMixture(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gz, gG, gup):
+        # autocast off: eager runs a backward without it, but torch.compile traces the backward under the forward's
+        # autocast, which would round the factor products below to bf16; the dtypes here are the ones written
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return StackedMixture.grads(ctx, gz, gG, gup)
+
+    @staticmethod
+    def grads(ctx, gz, gG, gup):
         x, keep, a, G, down, B, omega_A, omega_B = ctx.saved_tensors
         (r, N), s = (a.shape[1], G.shape[1]), ctx.scale
         if gz is None or gup is None:  # only a balance loss was differentiated (a test's case, not training's)
