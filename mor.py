@@ -391,7 +391,7 @@ class MoRLinear(AdapterLinear):
         self.omega_A = nn.Parameter(torch.ones(num_experts, r, **fk))
         self.omega_B = nn.Parameter(torch.ones(num_experts, self.out_features, **fk))
         init_router(self, router, num_experts, fk)  # eq. 11's W_r
-        self._cache = None
+        self._cache, self.generation = None, 0  # the eval cache (cached_weights) and how often it was rebuilt or dropped
 
     def direction(self, i: int) -> torch.Tensor:
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix, for analysis (N = 1: eq. 9)."""
@@ -436,12 +436,15 @@ class MoRLinear(AdapterLinear):
         # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z, added into W x by one GEMM (α/r is already in z)
         return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
 
+    def drop_cache(self) -> None:
+        self._cache, self.generation = None, self.generation + 1
+
     def train(self, mode: bool = True) -> MoRLinear:
-        self._cache = None
+        self.drop_cache()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = None
+        self.drop_cache()
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -506,15 +509,33 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
     call eval() again after one. Parameters made under torch.inference_mode() have no counter: no cache.
     """
     W_r = layer.router.weight if layer.router is not None else None
-    params = (layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B) + ((W_r,) if W_r is not None else ())
     build = lambda: (down_factors(layer.lora_A, W_r, dtype),  # noqa: E731
                      tied_up(layer.lora_B, layer.omega_A, layer.omega_B, dtype))
-    if any(p.is_inference() for p in params):
+    key = weights_key(layer, dtype)
+    if key is None:
         return build()
-    key = (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
     if layer._cache is None or layer._cache[0] != key:
-        layer._cache = (key, build())
+        layer._cache, layer.generation = (key, build()), layer.generation + 1
     return layer._cache[1]
+
+
+def weights_key(layer: MoRLinear, dtype: torch.dtype) -> tuple | None:
+    """What the eval cache is keyed on: dtype, and each parameter's version counter, data pointer and dtype; None for
+    parameters made under torch.inference_mode() (no counter, so no cache)."""
+    params = [layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B]
+    params += [layer.router.weight] if layer.router is not None else []
+    if any(p.is_inference() for p in params):
+        return None
+    return (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+
+
+def decode_state(model: nn.Module) -> tuple:
+    """What a CUDA graph captured over MoR's eval cache depends on: per MoRLinear, the cache's generation (bumped
+    when cached_weights rebuilds it and when train(), eval() or .to() drop it) and whether the parameters are still
+    the ones it was built from. A graph replays the cached B̃ and [A; W_r] by address, so replay it only while this
+    equals its value just after the capture; otherwise it reads freed memory or stale weights: capture again."""
+    return tuple((m.generation, m._cache is not None and m._cache[0] == weights_key(m, m._cache[0][0]))
+                 for _, m in adapter_layers(model) if isinstance(m, MoRLinear))
 
 
 class StackedMixture(torch.autograd.Function):

@@ -300,6 +300,35 @@ def test_eval_cache_matches_train_and_invalidates():
     assert layer._cache is None
 
 
+def test_decode_state_changes_whenever_a_captured_graph_would_go_stale():
+    """A CUDA graph captured over the eval cache replays B̃'s address: mor.decode_state, read after the capture,
+    must change on everything that frees or outdates the cache (train(), eval(), .to(), an in-place update) and
+    on nothing else (repeated cached forwards), so a replay can refuse or capture again (bench/infer.py)."""
+    model = nn.Sequential(mor.MoRLinear(nn.Linear(12, 10), r=4, alpha=8, num_experts=3, dropout=0.0), nn.ReLU(),
+                          nn.Linear(10, 4))
+    randomize(model[0])
+    model.eval()
+    x = torch.randn(4, 12)
+
+    def capture():  # what a capture leaves behind: the cache's tensors, read by address on every replay
+        with torch.no_grad():
+            model(x)
+        return mor.decode_state(model), model[0]._cache[1][1].data_ptr()
+    state, _ = capture()
+    assert state == ((state[0][0], True),)
+    with torch.no_grad():
+        model(x)
+    assert mor.decode_state(model) == state  # a forward that reuses the cache keeps the graph valid
+    for stale in (lambda: model.train().eval(), lambda: model.eval(), lambda: model.to(torch.float32),
+                  lambda: model[0].omega_B.add_(0.0)):  # an optimizer step: same values would do, same address
+        with torch.no_grad():
+            stale()
+            model(x)  # an eager forward rebuilds the cache at a new address: only the generation tells
+        assert not model.training and mor.decode_state(model) != state, stale
+        state, _ = capture()  # captured again: valid until the next change
+        assert mor.decode_state(model) == state and state[0][1]
+
+
 def test_eval_with_parameters_made_under_inference_mode():
     """Inference tensors have no version counter (the cache key): such a layer computes B̃ afresh, correctly."""
     with torch.inference_mode():
