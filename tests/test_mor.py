@@ -120,10 +120,11 @@ def test_forward_equals_reference_fp64(N, router, bias, record):
         assert int(layer.router_count) == 60 and layer.router_count.dtype == torch.int64
 
 
-@pytest.mark.parametrize("router", ["learned", "mean"])
+@pytest.mark.parametrize("router", ["learned", "mean", "balanced"])
 def test_forward_equals_reference_with_dropout_fp64(router):
-    """With dropout on, the fast path keeps x and the mask and recomputes drop(x): same numbers and gradients as
-    the reference given the same mask (the same seed: dropout is the first random draw of both)."""
+    """With dropout on, the fast path keeps x and the mask and recomputes x ⊙ mask; softmax's and dropout's backwards
+    are written out with public ops: same numbers and gradients (the balance loss's included) as the reference
+    given the same mask (the same seed: dropout is the first random draw of both)."""
     layer = fp64_layer(3, router, dropout=0.3)
     x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
     tensors = adapter_tensors(layer) + [x]
@@ -131,7 +132,9 @@ def test_forward_equals_reference_with_dropout_fp64(router):
     for fwd in (layer, layer.reference):
         torch.manual_seed(11)
         out = fwd(x)
-        results.append([out.detach(), *grads(out, tensors)])
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        aux = layer.aux_loss if layer.aux_loss is not None else 0.0
+        results.append([out.detach(), *torch.autograd.grad((out * w).sum() + 0.7 * aux, tensors)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
@@ -710,6 +713,13 @@ def test_mor_file_stands_alone():
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert imported - set(sys.stdlib_module_names) == {"torch"}
+
+    def dotted(node):  # "torch.ops.aten.x" for an attribute chain on a name, else None
+        return (dotted(node.value) + "." + node.attr if dotted(node.value) else None) if isinstance(node, ast.Attribute) \
+            else (node.id if isinstance(node, ast.Name) else None)
+    names = {dotted(n) for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Attribute)} - {None}
+    private = sorted(n for n in names if n.startswith("torch.") and any(p.startswith("_") or p == "ops" for p in n.split(".")))
+    assert not private, private  # copied into projects on other torch versions: public torch API only
     code = ("import sys, torch, torch.nn as nn; import mor\n"
             "m = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))\n"
             "mor.add_adapters(m, 'mor', targets=('0', '2'), num_experts=2)\n"
