@@ -481,10 +481,22 @@ def down_project(x: torch.Tensor, down: torch.Tensor, r: int, routed: bool,
     return a_logits[:, :r], (a_logits[:, r:] if routed else None), None
 
 
-def outer(u: torch.Tensor, v: torch.Tensor, alpha: float, c: torch.Tensor | None = None) -> torch.Tensor:
-    """alpha · u vᵀ − c per token (u: t×m×k, v: t×k×n, c broadcast to t×m×n or None for 0): a batched GEMM whose
-    alpha and beta = −1 do the scaling and the subtraction inside the one kernel."""
-    return torch.baddbmm(u.new_empty(()) if c is None else c, u, v, beta=0 if c is None else -1, alpha=alpha)
+def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha · u v per token (u: t×m×k, v: t×k×n): a batched GEMM whose alpha does the scaling in the same kernel
+    (beta = 0: the input is ignored)."""
+    return torch.baddbmm(u.new_empty(()), u, v, beta=0, alpha=alpha)
+
+
+def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """∂logits = G ⊙ (g − Σ_k G_k g_k) over the last dim, for G = softmax(logits) and g = ∂G.
+
+    torch's own kernel where it has one: one launch that works in fp32 inside; written out in bf16 the router's
+    gradient was 1.2–1.4 × further from fp64 (3 kernels) and matching it takes ~7 (docs/performance.md).
+    The written-out form is the fallback for a torch without it (tested)."""
+    own = getattr(torch, "_softmax_backward_data", None)
+    if own is None:
+        return G * (g - (G * g).sum(-1, keepdim=True))
+    return own(g, G, -1, G.dtype)
 
 
 def stacked_codes(a: torch.Tensor, logits: torch.Tensor | None, num_experts: int,
@@ -544,8 +556,8 @@ class StackedMixture(torch.autograd.Function):
     Why by hand: plain autograd runs ~2.4× LoRA's kernels per layer (each small op is a node and a launch
     on a GPU), keeps drop(x) besides x, and B̃'s fp32 intermediate. Here the backward keeps x, the 1-byte
     dropout mask, A x (tokens × r), G (tokens × N) and [A; W_r] in the compute dtype, and recomputes x ⊙ mask
-    and B̃'s intermediate. G is in the compute dtype (softmax kernels accumulate in fp32 anyway). Only public
-    ops: softmax's and dropout's backwards are written out (one batched GEMM and a masked product).
+    and B̃'s intermediate. G is in the compute dtype (softmax kernels accumulate in fp32 anyway). Dropout's
+    backward is written out (x ⊙ mask, its 1/(1-p) carried by ∂a); softmax's is torch's (softmax_backward).
     """
 
     @staticmethod
@@ -574,15 +586,13 @@ class StackedMixture(torch.autograd.Function):
             gz = a.new_zeros(a.shape[0], N * r) if gz is None else gz
             gup = B.new_zeros(B.shape[0], N * r, dtype=a.dtype) if gup is None else gup
         q = 1.0 / (1.0 - ctx.p)  # drop(x) = x ⊙ keep · q: q rides in ∂a, so the masked products need no scaling
-        # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched products over tokens)
+        # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens)
         gz = gz.view(-1, N, r)
         ga = outer(G[:, None, :], gz, s * q).squeeze(1)
         glogits = None
-        if ctx.router:  # softmax's backward: ∂logits_i = G_i (∂G_i − Σ_k G_k ∂G_k), and Σ_k G_k s ∂z_k · a = ∂a · a / q
-            d = outer(gz, a[:, :, None], s, outer(ga[:, None, :], a[:, :, None], 1.0 / q)).squeeze(2)
-            if gG is not None:  # a balance loss used G
-                d = d + gG - (gG * G).sum(1, keepdim=True)
-            glogits = G * d
+        if ctx.router:
+            gGz = outer(gz, a[:, :, None], s).squeeze(2)
+            glogits = softmax_backward(gGz if gG is None else gGz + gG, G)
         # [A; W_r] read drop(x) and x: the weight gradients (cast once, together, to the parameters' dtype) and x's
         want_gx = ctx.needs_input_grad[0]  # False where x comes from frozen layers only
         if keep is None:
