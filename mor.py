@@ -126,8 +126,7 @@ def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: floa
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype an nn.Linear under the current autocast computes x in: autocast's for a floating x other than fp64
-    (those autocast casts), else x's own."""
+    """The dtype an nn.Linear computes x in: autocast's, where it casts x (floating, not fp64), else x's."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
@@ -391,7 +390,7 @@ class MoRLinear(AdapterLinear):
         self.omega_A = nn.Parameter(torch.ones(num_experts, r, **fk))
         self.omega_B = nn.Parameter(torch.ones(num_experts, self.out_features, **fk))
         init_router(self, router, num_experts, fk)  # eq. 11's W_r
-        self._cache, self.generation = None, 0  # the eval cache (cached_weights) and how often it was rebuilt or dropped
+        self._cache, self.generation = None, 0  # the eval cache (cached_weights), counted each rebuild or drop
 
     def direction(self, i: int) -> torch.Tensor:
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix, for analysis (N = 1: eq. 9)."""
@@ -452,18 +451,18 @@ class MoRLinear(AdapterLinear):
 # fast path: same math as `reference`
 #
 # eq. 15 is a LoRA of rank N·r with tied factors. With the codes z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r}
-# (z[i·r + j] = (α/r) G_i (A x)_j) and B̃ = [diag(Ω_B[1]) B diag(Ω_A[1]), …, diag(Ω_B[N]) B diag(Ω_A[N])] ∈ R^{d_out×N·r},
-# the sum over experts is the inner product of one GEMM: (α/r) Σ_i G_i D_i x = B̃ z. So MoR costs A x and W_r x
-# (one GEMM when dropout is off), an outer product of N·r numbers per token and one GEMM into d_out, instead of
-# N GEMMs and a (tokens, N, d_out) tensor. Ω_A sits in B̃ (d_out·N·r work, independent of tokens), not in z; α/r
-# rides in the outer product's alpha (a free scalar of a batched GEMM), where it costs no kernel of its own.
+# (z[i·r + j] = (α/r) G_i (A x)_j) and B̃ = [diag(Ω_B[1]) B diag(Ω_A[1]), …, diag(Ω_B[N]) B diag(Ω_A[N])]
+# ∈ R^{d_out×N·r}, the sum over experts is the inner product of one GEMM: (α/r) Σ_i G_i D_i x = B̃ z. So MoR
+# costs A x and W_r x (one GEMM when dropout is off), an outer product of N·r numbers per token and one GEMM into
+# d_out, instead of N GEMMs and a (tokens, N, d_out) tensor. Ω_A sits in B̃ (d_out·N·r work, independent of
+# tokens), not in z; α/r rides in the outer product's alpha (a free scalar of a batched GEMM): no kernel of its own.
 #
 #   x ──┬── W ─────────────────────────────────────────┐
 #       ├── drop ── A ──┐                              + ── o
 #       └── W_r ── softmax ── G ⊗ (A x) = z ── B̃ ───────┘
 
 def tied_up(B: torch.Tensor, omega_A: torch.Tensor, omega_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """B̃ ∈ R^{d_out×N·r} in `dtype`: B̃[:, i·r + j] = Ω_B[i] ⊙ B[:, j] · Ω_A[i, j] (eq. 15 stacked; α/r is in z)."""
+    """B̃ ∈ R^{d_out×N·r} in `dtype`: B̃[:, i·r + j] = Ω_B[i] ⊙ B[:, j] · Ω_A[i, j] (eq. 15 stacked; α/r is in z)"""
     (d_out, r), N = B.shape, omega_A.shape[0]
     out = torch.empty(d_out, N, r, device=B.device, dtype=dtype)  # the last product writes the compute dtype
     return torch.mul(B[:, None, :] * omega_A, omega_B.t()[:, :, None], out=out).view(d_out, N * r)
@@ -491,11 +490,9 @@ def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """∂logits = G ⊙ (g − Σ_k G_k g_k) over the last dim, for G = softmax(logits) and g = ∂G.
-
-    torch's own kernel where it has one: one launch that works in fp32 inside; written out in bf16 the router's
-    gradient was 1.2–1.4 × further from fp64 (3 kernels) and matching it takes ~7 (docs/performance.md).
-    The written-out form is the fallback for a torch without it (tested)."""
+    """∂logits = G ⊙ (g − Σ_k G_k g_k) over the last dim (G = softmax(logits), g = ∂G). torch's own kernel, one
+    launch working in fp32 inside, where it exists: written out in bf16 the router's gradient was 1.2–1.4 × further
+    from fp64 (docs/performance.md); the written-out form is the fallback for a torch without it."""
     own = getattr(torch, "_softmax_backward_data", None)
     if own is None:
         return G * (g - (G * g).sum(-1, keepdim=True))
@@ -578,44 +575,40 @@ class StackedMixture(torch.autograd.Function):
     def backward(ctx, gz, gG, gup):
         # autocast off: eager runs a backward without it, but torch.compile traces the backward under the forward's
         # autocast, which would round the factor products below to bf16; the dtypes here are the ones written
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return StackedMixture.grads(ctx, gz, gG, gup)
-
-    @staticmethod
-    def grads(ctx, gz, gG, gup):
         x, keep, a, G, down, B, omega_A, omega_B = ctx.saved_tensors
-        (r, N), s = (a.shape[1], G.shape[1]), ctx.scale
-        if gz is None or gup is None:  # only a balance loss was differentiated (a test's case, not training's)
-            gz = a.new_zeros(a.shape[0], N * r) if gz is None else gz
-            gup = B.new_zeros(B.shape[0], N * r, dtype=a.dtype) if gup is None else gup
-        q = 1.0 / (1.0 - ctx.p)  # drop(x) = x ⊙ keep · q: q rides in ∂a, so the masked products need no scaling
-        # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens)
-        gz = gz.view(-1, N, r)
-        ga = outer(G[:, None, :], gz, s * q).squeeze(1)
-        glogits = None
-        if ctx.router:
-            gGz = outer(gz, a[:, :, None], s).squeeze(2)
-            glogits = softmax_backward(gGz if gG is None else gGz + gG, G)
-        # [A; W_r] read drop(x) and x: the weight gradients (cast once, together, to the parameters' dtype) and x's
-        want_gx = ctx.needs_input_grad[0]  # False where x comes from frozen layers only
-        if keep is None:
-            g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
-            g_down, gx = (g_al.t() @ x).to(ctx.master), (g_al @ down if want_gx else None)
-        else:
-            g_down = torch.empty(down.shape, dtype=ctx.master, device=down.device)
-            g_down = torch.cat([ga.t() @ (x * keep)] + ([glogits.t() @ x] if ctx.router else []), out=g_down)
-            gx = (ga @ down[:r]) * keep if want_gx else None
-            if ctx.router and want_gx:
-                gx = gx.addmm_(glogits, down[r:])
-        gA, gW = g_down[:r], (g_down[r:] if ctx.router else None)
-        # B̃[o, i, j] = Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other two, as a batched
-        # GEMM over the experts or rows; ∂B̃ ⊙ B serves Ω_A's and Ω_B's (fp32 from here, by type promotion)
-        g3 = gup.view(-1, N, r)
-        P = (g3 * B[:, None, :]).transpose(0, 1)  # (N, d_out, r)
-        gOB = torch.bmm(P, omega_A[:, :, None]).squeeze(2)  # Σ_j
-        gOA = torch.bmm(omega_B[:, None, :], P).squeeze(1)  # Σ_o
-        gB = torch.bmm(omega_B.t()[:, None, :], g3 * omega_A).squeeze(1)  # Σ_i
-        return gx, gA, gW, gB, gOA, gOB, None, None
+        with torch.autocast(x.device.type, enabled=False):
+            (r, N), s = (a.shape[1], G.shape[1]), ctx.scale
+            if gz is None or gup is None:  # only a balance loss was differentiated (a test's case, not training's)
+                gz = a.new_zeros(a.shape[0], N * r) if gz is None else gz
+                gup = B.new_zeros(B.shape[0], N * r, dtype=a.dtype) if gup is None else gup
+            q = 1.0 / (1.0 - ctx.p)  # drop(x) = x ⊙ keep · q: q rides in ∂a, so the masked products need no scaling
+            # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens)
+            gz = gz.view(-1, N, r)
+            ga = outer(G[:, None, :], gz, s * q).squeeze(1)
+            glogits = None
+            if ctx.router:
+                gGz = outer(gz, a[:, :, None], s).squeeze(2)
+                glogits = softmax_backward(gGz if gG is None else gGz + gG, G)
+            # [A; W_r] read drop(x) and x: the weight gradients (cast once, together, to the parameters' dtype) and x's
+            want_gx = ctx.needs_input_grad[0]  # False where x comes from frozen layers only
+            if keep is None:
+                g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
+                g_down, gx = (g_al.t() @ x).to(ctx.master), (g_al @ down if want_gx else None)
+            else:
+                g_down = torch.empty(down.shape, dtype=ctx.master, device=down.device)
+                g_down = torch.cat([ga.t() @ (x * keep)] + ([glogits.t() @ x] if ctx.router else []), out=g_down)
+                gx = (ga @ down[:r]) * keep if want_gx else None
+                if ctx.router and want_gx:
+                    gx = gx.addmm_(glogits, down[r:])
+            gA, gW = g_down[:r], (g_down[r:] if ctx.router else None)
+            # B̃[o, i, j] = Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other two, as a
+            # batched GEMM over the experts or rows; ∂B̃ ⊙ B serves Ω_A's and Ω_B's (fp32 from here, by promotion)
+            g3 = gup.view(-1, N, r)
+            P = (g3 * B[:, None, :]).transpose(0, 1)  # (N, d_out, r)
+            gOB = torch.bmm(P, omega_A[:, :, None]).squeeze(2)  # Σ_j
+            gOA = torch.bmm(omega_B[:, None, :], P).squeeze(1)  # Σ_o
+            gB = torch.bmm(omega_B.t()[:, None, :], g3 * omega_A).squeeze(1)  # Σ_i
+            return gx, gA, gW, gB, gOA, gOB, None, None
 
 
 # -----------------------------------------------------------------------------

@@ -725,13 +725,15 @@ def test_mor_file_stands_alone():
     assert imported - set(sys.stdlib_module_names) == {"torch"}
 
     def dotted(node):  # "torch.ops.aten.x" for an attribute chain on a name, else None
-        return (dotted(node.value) + "." + node.attr if dotted(node.value) else None) if isinstance(node, ast.Attribute) \
-            else (node.id if isinstance(node, ast.Name) else None)
+        if isinstance(node, ast.Attribute):
+            return dotted(node.value) + "." + node.attr if dotted(node.value) else None
+        return node.id if isinstance(node, ast.Name) else None
     tree = ast.parse(src)
     names = {dotted(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)} - {None}
-    names |= {"torch." + n.args[1].value for n in ast.walk(tree) if isinstance(n, ast.Call) and dotted(n.func) == "getattr"
-              and dotted(n.args[0]) == "torch" and isinstance(n.args[1], ast.Constant)}
-    private = sorted(n for n in names if n.startswith("torch.") and any(p.startswith("_") or p == "ops" for p in n.split(".")))
+    names |= {"torch." + n.args[1].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+              and dotted(n.func) == "getattr" and dotted(n.args[0]) == "torch" and isinstance(n.args[1], ast.Constant)}
+    private = sorted(n for n in names if n.split(".")[0] == "torch" and any(p[:1] == "_" or p == "ops"
+                                                                            for p in n.split(".")[1:]))
     # copied into projects on other torch versions: public torch API only, but for softmax's own backward, looked up
     # with a written-out fallback (test_softmax_backward_fallback_equals_reference) because it pays in bf16
     assert private == ["torch._softmax_backward_data"], private
