@@ -125,6 +125,14 @@ def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: floa
     return out.addmm_(z, up.t(), alpha=scale).view(shape)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an nn.Linear computes x in: autocast's, where it casts x (floating, not fp64), else x's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
     """Switch-Transformer load-balancing loss N · Σ_i f_i · P_i (Table 4, "balanced router").
 
@@ -382,7 +390,7 @@ class MoRLinear(AdapterLinear):
         self.omega_A = nn.Parameter(torch.ones(num_experts, r, **fk))
         self.omega_B = nn.Parameter(torch.ones(num_experts, self.out_features, **fk))
         init_router(self, router, num_experts, fk)  # eq. 11's W_r
-        self._cache = None
+        self._cache, self.generation = None, 0  # the eval cache (cached_weights), counted each rebuild or drop
 
     def direction(self, i: int) -> torch.Tensor:
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix, for analysis (N = 1: eq. 9)."""
@@ -411,50 +419,53 @@ class MoRLinear(AdapterLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same numbers as `reference`, computed as one rank-N·r GEMM (eq. 15, Fig. 3); why below."""
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: the base output is then a matrix add_update can own
+        x2 = x2.to(autocast_dtype(x2))  # autocast's cast of x, done once: the base and the adapter share it
         out = self.base(x2)  # eq. 13: W x (+ bias), frozen
         dt = out.dtype
         x2 = x2.to(dt)
         if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             down, up = cached_weights(self, dt)  # decoding: B̃ and [A; W_r] built once, not per token
             a, logits, _ = down_project(x2, down, self.r, self.router is not None)
-            z, G = stacked_codes(a, logits, self.num_experts)
+            z, G = stacked_codes(a, logits, self.num_experts, self.scale)
         else:
             p = self.dropout.p if self.dropout_active() else 0.0
             W_r = self.router.weight if self.router is not None else None
             z, G, up = StackedMixture.apply(x2, self.lora_A, W_r, self.lora_B, self.omega_A, self.omega_B, p, self.scale)
         note_routing(self, G)
-        # eqs. 12, 15: Σ_i G_i(x) D_i x = (α/r) B̃ z, added into W x by one GEMM (α/r is already in `up`)
+        # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z, added into W x by one GEMM (α/r is already in z)
         return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
 
+    def drop_cache(self) -> None:
+        self._cache, self.generation = None, self.generation + 1
+
     def train(self, mode: bool = True) -> MoRLinear:
-        self._cache = None
+        self.drop_cache()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = None
+        self.drop_cache()
         return super()._apply(fn, *args, **kwargs)
 
 
 # -----------------------------------------------------------------------------
 # fast path: same math as `reference`
 #
-# eq. 15 is a LoRA of rank N·r with tied factors. With the codes z = G(x) ⊗ (A x) ∈ R^{N·r}
-# (z[i·r + j] = G_i (A x)_j) and B̃ = [diag(Ω_B[1]) B diag(Ω_A[1]), …, diag(Ω_B[N]) B diag(Ω_A[N])] ∈ R^{d_out×N·r},
-# the sum over experts is the inner product of one GEMM: Σ_i G_i D_i x = (α/r) B̃ z. So MoR costs A x and W_r x
-# (one GEMM when dropout is off), an outer product of N·r numbers per token and one GEMM into d_out, instead of
-# N GEMMs and a (tokens, N, d_out) tensor. Ω_A and α/r sit in B̃ (d_out·N·r work, independent of tokens), not in z.
+# eq. 15 is a LoRA of rank N·r with tied factors. With the codes z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r}
+# (z[i·r + j] = (α/r) G_i (A x)_j) and B̃ = [diag(Ω_B[1]) B diag(Ω_A[1]), …, diag(Ω_B[N]) B diag(Ω_A[N])]
+# ∈ R^{d_out×N·r}, the sum over experts is the inner product of one GEMM: (α/r) Σ_i G_i D_i x = B̃ z. So MoR
+# costs A x and W_r x (one GEMM when dropout is off), an outer product of N·r numbers per token and one GEMM into
+# d_out, instead of N GEMMs and a (tokens, N, d_out) tensor. Ω_A sits in B̃ (d_out·N·r work, independent of
+# tokens), not in z; α/r rides in the outer product's alpha (a free scalar of a batched GEMM): no kernel of its own.
 #
 #   x ──┬── W ─────────────────────────────────────────┐
 #       ├── drop ── A ──┐                              + ── o
 #       └── W_r ── softmax ── G ⊗ (A x) = z ── B̃ ───────┘
 
-def tied_up(B: torch.Tensor, omega_A: torch.Tensor, omega_B: torch.Tensor, scale: float,
-            dtype: torch.dtype) -> torch.Tensor:
-    """(α/r) B̃ ∈ R^{d_out×N·r} in `dtype`: B̃[:, i·r + j] = Ω_B[i] ⊙ B[:, j] · Ω_A[i, j] (eq. 15 stacked)."""
+def tied_up(B: torch.Tensor, omega_A: torch.Tensor, omega_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B̃ ∈ R^{d_out×N·r} in `dtype`: B̃[:, i·r + j] = Ω_B[i] ⊙ B[:, j] · Ω_A[i, j] (eq. 15 stacked; α/r is in z)"""
     (d_out, r), N = B.shape, omega_A.shape[0]
-    BA = B[:, None, :] * (scale * omega_A)  # (d_out, N, r): laid out so that the view below is free
     out = torch.empty(d_out, N, r, device=B.device, dtype=dtype)  # the last product writes the compute dtype
-    return torch.mul(BA, omega_B.t()[:, :, None], out=out).view(d_out, N * r)
+    return torch.mul(B[:, None, :] * omega_A, omega_B.t()[:, :, None], out=out).view(d_out, N * r)
 
 
 def down_project(x: torch.Tensor, down: torch.Tensor, r: int, routed: bool,
@@ -469,10 +480,30 @@ def down_project(x: torch.Tensor, down: torch.Tensor, r: int, routed: bool,
     return a_logits[:, :r], (a_logits[:, r:] if routed else None), None
 
 
-def stacked_codes(a: torch.Tensor, logits: torch.Tensor | None, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, G): G of eq. 11 and z = G ⊗ (A x) (tokens × N·r, eq. 15), in a's dtype."""
+def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha · u v per token (u: t×m×k, v: t×k×n): eager, a batched GEMM whose alpha does the scaling in the same
+    kernel (beta = 0: the input is ignored); compiled, bmm and a multiply, which inductor fuses into the neighbouring
+    kernels where it lowers baddbmm on its own (4 more kernels per two layers)."""
+    if torch.compiler.is_compiling():
+        return torch.bmm(u, v) * alpha
+    return torch.baddbmm(u.new_empty(()), u, v, beta=0, alpha=alpha)
+
+
+def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """∂logits = G ⊙ (g − Σ_k G_k g_k) over the last dim (G = softmax(logits), g = ∂G). torch's own kernel, one
+    launch working in fp32 inside, where it exists: written out in bf16 the router's gradient was 1.2–1.4 × further
+    from fp64 (docs/performance.md); the written-out form is the fallback for a torch without it."""
+    own = getattr(torch, "_softmax_backward_data", None)
+    if own is None:
+        return G * (g - (G * g).sum(-1, keepdim=True))
+    return own(g, G, -1, G.dtype)
+
+
+def stacked_codes(a: torch.Tensor, logits: torch.Tensor | None, num_experts: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, G): G of eq. 11 and z = (α/r) G ⊗ (A x) (tokens × N·r, eq. 15), in a's dtype."""
     G = gate(logits, num_experts, a, a.dtype)
-    return (G[:, :, None] * a[:, None, :]).reshape(-1, num_experts * a.shape[1]), G
+    return outer(G[:, :, None], a[:, None, :], scale).view(-1, num_experts * a.shape[1]), G
 
 
 def down_factors(A: torch.Tensor, W_r: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -483,31 +514,50 @@ def down_factors(A: torch.Tensor, W_r: torch.Tensor | None, dtype: torch.dtype) 
 
 
 def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """([A; W_r], (α/r) B̃) in eval mode with gradients off, rebuilt only when a parameter changed.
+    """([A; W_r], B̃) in eval mode with gradients off, rebuilt only when a parameter changed.
 
     Keyed on each parameter's version counter (bumped by in-place updates such as an optimizer step), data
     pointer and dtype; dropped by train(), eval() and .to(). An update through `.data` bypasses the counter:
     call eval() again after one. Parameters made under torch.inference_mode() have no counter: no cache.
     """
     W_r = layer.router.weight if layer.router is not None else None
-    params = (layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B) + ((W_r,) if W_r is not None else ())
     build = lambda: (down_factors(layer.lora_A, W_r, dtype),  # noqa: E731
-                     tied_up(layer.lora_B, layer.omega_A, layer.omega_B, layer.scale, dtype))
-    if any(p.is_inference() for p in params):
+                     tied_up(layer.lora_B, layer.omega_A, layer.omega_B, dtype))
+    key = weights_key(layer, dtype)
+    if key is None:
         return build()
-    key = (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
     if layer._cache is None or layer._cache[0] != key:
-        layer._cache = (key, build())
+        layer._cache, layer.generation = (key, build()), layer.generation + 1
     return layer._cache[1]
 
 
+def weights_key(layer: MoRLinear, dtype: torch.dtype) -> tuple | None:
+    """What the eval cache is keyed on: dtype, and each parameter's version counter, data pointer and dtype; None for
+    parameters made under torch.inference_mode() (no counter, so no cache)."""
+    params = [layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B]
+    params += [layer.router.weight] if layer.router is not None else []
+    if any(p.is_inference() for p in params):
+        return None
+    return (dtype,) + tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+
+
+def decode_state(model: nn.Module) -> tuple:
+    """What a CUDA graph captured over MoR's eval cache depends on: per MoRLinear, the cache's generation (bumped
+    when cached_weights rebuilds it and when train(), eval() or .to() drop it) and whether the parameters are still
+    the ones it was built from. A graph replays the cached B̃ and [A; W_r] by address, so replay it only while this
+    equals its value just after the capture; otherwise it reads freed memory or stale weights: capture again."""
+    return tuple((m.generation, m._cache is not None and m._cache[0] == weights_key(m, m._cache[0][0]))
+                 for _, m in adapter_layers(model) if isinstance(m, MoRLinear))
+
+
 class StackedMixture(torch.autograd.Function):
-    """(z, G, (α/r) B̃) for `MoRLinear.forward`: the router, the codes and B̃ as one autograd node.
+    """(z, G, B̃) for `MoRLinear.forward`: the router, the codes and B̃ as one autograd node.
 
     Why by hand: plain autograd runs ~2.4× LoRA's kernels per layer (each small op is a node and a launch
     on a GPU), keeps drop(x) besides x, and B̃'s fp32 intermediate. Here the backward keeps x, the 1-byte
-    dropout mask, A x (tokens × r), G (tokens × N) and [A; W_r] in the compute dtype, and recomputes drop(x)
-    and B̃'s intermediate. G is in the compute dtype (softmax kernels accumulate in fp32 anyway).
+    dropout mask, A x (tokens × r), G (tokens × N) and [A; W_r] in the compute dtype, and recomputes x ⊙ mask
+    and B̃'s intermediate. G is in the compute dtype (softmax kernels accumulate in fp32 anyway). Dropout's
+    backward is written out (x ⊙ mask, its 1/(1-p) carried by ∂a); softmax's is torch's (softmax_backward).
     """
 
     @staticmethod
@@ -515,50 +565,50 @@ class StackedMixture(torch.autograd.Function):
         dt = x.dtype
         down = down_factors(A, W_r, dt)
         a, logits, keep = down_project(x, down, A.shape[0], W_r is not None, p)
-        z, G = stacked_codes(a, logits, omega_A.shape[0])
+        z, G = stacked_codes(a, logits, omega_A.shape[0], scale)
         ctx.save_for_backward(x, keep, a, G, down, B, omega_A, omega_B)
-        ctx.p, ctx.scale, ctx.router = p, scale, W_r is not None
+        ctx.p, ctx.scale, ctx.router, ctx.master = p, scale, W_r is not None, A.dtype
         ctx.set_materialize_grads(False)  # G's gradient is None unless a balance loss used it
-        return z, G, tied_up(B, omega_A, omega_B, scale, dt)
+        return z, G, tied_up(B, omega_A, omega_B, dt)
 
     @staticmethod
     def backward(ctx, gz, gG, gup):
+        # autocast off: eager runs a backward without it, but torch.compile traces the backward under the forward's
+        # autocast, which would round the factor products below to bf16; the dtypes here are the ones written
         x, keep, a, G, down, B, omega_A, omega_B = ctx.saved_tensors
-        (r, N), s = (a.shape[1], G.shape[1]), ctx.scale
-        if gz is None or gup is None:  # only a balance loss was differentiated (a test's case, not training's)
-            gz = a.new_zeros(a.shape[0], N * r) if gz is None else gz
-            gup = B.new_zeros(B.shape[0], N * r, dtype=a.dtype) if gup is None else gup
-        # z = G ⊗ a: ∂a = Σ_i G_i ∂z_i, ∂G_i = ∂z_i · a (two batched products over tokens)
-        gz = gz.view(-1, N, r)
-        ga = torch.bmm(G[:, None, :], gz).squeeze(1)
-        glogits = None
-        if ctx.router:
-            gGz = torch.bmm(gz, a[:, :, None]).squeeze(2)
-            gGz = gGz if gG is None else gGz + gG
-            glogits = torch._softmax_backward_data(gGz, G, -1, G.dtype)  # softmax's own backward, one kernel
-        # [A; W_r] read drop(x) and x: the weight gradients and x's
-        want_gx = ctx.needs_input_grad[0]  # False where x comes from frozen layers only
-        if keep is None:
-            g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
-            g_down, gx = g_al.t() @ x, (g_al @ down if want_gx else None)
-            gA, gW = g_down[:r], (g_down[r:] if ctx.router else None)
-        else:
-            masked = torch.ops.aten.native_dropout_backward  # t ⊙ keep / (1 - p): dropout's own backward
-            gA = ga.t() @ masked(x, keep, 1.0 / (1.0 - ctx.p))  # drop(x) again, freed at once
-            gx = masked(ga @ down[:r], keep, 1.0 / (1.0 - ctx.p)) if want_gx else None
-            gW = None
+        with torch.autocast(x.device.type, enabled=False):
+            (r, N), s = (a.shape[1], G.shape[1]), ctx.scale
+            if gz is None or gup is None:  # only a balance loss was differentiated (a test's case, not training's)
+                gz = a.new_zeros(a.shape[0], N * r) if gz is None else gz
+                gup = B.new_zeros(B.shape[0], N * r, dtype=a.dtype) if gup is None else gup
+            q = 1.0 / (1.0 - ctx.p)  # drop(x) = x ⊙ keep · q: q rides in ∂a, so the masked products need no scaling
+            # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens)
+            gz = gz.view(-1, N, r)
+            ga = outer(G[:, None, :], gz, s * q).squeeze(1)
+            glogits = None
             if ctx.router:
-                gW = glogits.t() @ x
-                gx = gx.addmm_(glogits, down[r:]) if want_gx else None
-        # B̃[o, i, j] = s Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other two, as a batched
-        # GEMM over the experts or rows (fp32 from here, by type promotion)
-        g3 = gup.view(-1, N, r)
-        R = (g3 * (s * B)[:, None, :]).transpose(0, 1)  # (N, d_out, r)
-        gOB = torch.bmm(R, omega_A[:, :, None]).squeeze(2)  # Σ_j
-        gOA = torch.bmm(omega_B[:, None, :], R).squeeze(1)  # Σ_o
-        gB = torch.bmm(omega_B.t()[:, None, :], g3 * (s * omega_A)).squeeze(1)  # Σ_i
-        # gradients in the compute dtype are cast to each fp32 parameter's dtype by autograd
-        return gx, gA, gW, gB, gOA, gOB, None, None
+                gGz = outer(gz, a[:, :, None], s).squeeze(2)
+                glogits = softmax_backward(gGz if gG is None else gGz + gG, G)
+            # [A; W_r] read drop(x) and x: the weight gradients (cast once, together, to the parameters' dtype) and x's
+            want_gx = ctx.needs_input_grad[0]  # False where x comes from frozen layers only
+            if keep is None:
+                g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
+                g_down, gx = (g_al.t() @ x).to(ctx.master), (g_al @ down if want_gx else None)
+            else:
+                g_down = torch.empty(down.shape, dtype=ctx.master, device=down.device)
+                g_down = torch.cat([ga.t() @ (x * keep)] + ([glogits.t() @ x] if ctx.router else []), out=g_down)
+                gx = (ga @ down[:r]) * keep if want_gx else None
+                if ctx.router and want_gx:
+                    gx = gx.addmm_(glogits, down[r:])
+            gA, gW = g_down[:r], (g_down[r:] if ctx.router else None)
+            # B̃[o, i, j] = Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other two, as a
+            # batched GEMM over the experts or rows; ∂B̃ ⊙ B serves Ω_A's and Ω_B's (fp32 from here, by promotion)
+            g3 = gup.view(-1, N, r)
+            P = (g3 * B[:, None, :]).transpose(0, 1)  # (N, d_out, r)
+            gOB = torch.bmm(P, omega_A[:, :, None]).squeeze(2)  # Σ_j
+            gOA = torch.bmm(omega_B[:, None, :], P).squeeze(1)  # Σ_o
+            gB = torch.bmm(omega_B.t()[:, None, :], g3 * omega_A).squeeze(1)  # Σ_i
+            return gx, gA, gW, gB, gOA, gOB, None, None
 
 
 # -----------------------------------------------------------------------------

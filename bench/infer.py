@@ -214,21 +214,28 @@ def graph_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int):
         tok.copy_(nxt)
         pos.add_(1)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph's docs require
-        for _ in range(min(3, n_new)):  # each step writes one KV-cache position: stay within prompt + n_new
+    def capture():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph's docs require
+            for _ in range(min(3, n_new)):  # each step writes one KV-cache position: stay within prompt + n_new
+                one_step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             one_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        one_step()
+        return graph, mor.decode_state(model)
+    captured = [capture()]
 
     def run():
+        # the graph reads MoR's cached B̃ by address: after train(), eval(), .to() or a weight update that memory
+        # is freed or stale, so capture again rather than replay (mor.decode_state)
+        if mor.decode_state(model) != captured[0][1]:
+            captured[0] = capture()
         tok.copy_(first)
         pos.fill_(prompt_len)
         for _ in range(n_new):
-            graph.replay()
+            captured[0][0].replay()
     return run
 
 

@@ -70,6 +70,10 @@ def counts(args, device, dtype) -> None:
     print(f"two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, {str(dtype)[6:]} weights, "
           f"bf16 autocast, dropout {args.dropout}, fwd+bwd")
     print_table(["method", "ops", "kernels", "saved MiB", "ms", "time / LoRA"], rows)
+    k = {r[0]: r[2] for r in rows}
+    ratio = k["MoR E8R8"] / k["LoRA R8"]
+    print(f"target MoR E8R8 kernels <= 1.5 x LoRA R8's: {k['MoR E8R8']} / {k['LoRA R8']} = {ratio:.2f} -> "
+          f"{'met' if ratio <= 1.5 else 'MISSED'}")
 
 
 def compiled(args, device, dtype) -> None:

@@ -120,10 +120,11 @@ def test_forward_equals_reference_fp64(N, router, bias, record):
         assert int(layer.router_count) == 60 and layer.router_count.dtype == torch.int64
 
 
-@pytest.mark.parametrize("router", ["learned", "mean"])
+@pytest.mark.parametrize("router", ["learned", "mean", "balanced"])
 def test_forward_equals_reference_with_dropout_fp64(router):
-    """With dropout on, the fast path keeps x and the mask and recomputes drop(x): same numbers and gradients as
-    the reference given the same mask (the same seed: dropout is the first random draw of both)."""
+    """With dropout on, the fast path keeps x and the mask and recomputes x ⊙ mask; softmax's and dropout's backwards
+    are written out with public ops: same numbers and gradients (the balance loss's included) as the reference
+    given the same mask (the same seed: dropout is the first random draw of both)."""
     layer = fp64_layer(3, router, dropout=0.3)
     x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
     tensors = adapter_tensors(layer) + [x]
@@ -131,9 +132,21 @@ def test_forward_equals_reference_with_dropout_fp64(router):
     for fwd in (layer, layer.reference):
         torch.manual_seed(11)
         out = fwd(x)
-        results.append([out.detach(), *grads(out, tensors)])
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        aux = layer.aux_loss if layer.aux_loss is not None else 0.0
+        results.append([out.detach(), *torch.autograd.grad((out * w).sum() + 0.7 * aux, tensors)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_softmax_backward_fallback_equals_reference(monkeypatch):
+    """A torch without `_softmax_backward_data` gets the written-out softmax backward: same gradients (fp64, 1e-9),
+    balance loss and dropout included; the fallback itself equals torch's kernel."""
+    g, G = torch.randn(7, 5, dtype=torch.float64), torch.softmax(torch.randn(7, 5, dtype=torch.float64), -1)
+    own = mor.softmax_backward(g, G)
+    monkeypatch.delattr(torch, "_softmax_backward_data")
+    torch.testing.assert_close(mor.softmax_backward(g, G), own, atol=1e-12, rtol=1e-12)
+    test_forward_equals_reference_with_dropout_fp64("balanced")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -300,6 +313,35 @@ def test_eval_cache_matches_train_and_invalidates():
     assert layer._cache is None
 
 
+def test_decode_state_changes_whenever_a_captured_graph_would_go_stale():
+    """A CUDA graph captured over the eval cache replays B̃'s address: mor.decode_state, read after the capture,
+    must change on everything that frees or outdates the cache (train(), eval(), .to(), an in-place update) and
+    on nothing else (repeated cached forwards), so a replay can refuse or capture again (bench/infer.py)."""
+    model = nn.Sequential(mor.MoRLinear(nn.Linear(12, 10), r=4, alpha=8, num_experts=3, dropout=0.0), nn.ReLU(),
+                          nn.Linear(10, 4))
+    randomize(model[0])
+    model.eval()
+    x = torch.randn(4, 12)
+
+    def capture():  # what a capture leaves behind: the cache's tensors, read by address on every replay
+        with torch.no_grad():
+            model(x)
+        return mor.decode_state(model), model[0]._cache[1][1].data_ptr()
+    state, _ = capture()
+    assert state == ((state[0][0], True),)
+    with torch.no_grad():
+        model(x)
+    assert mor.decode_state(model) == state  # a forward that reuses the cache keeps the graph valid
+    for stale in (lambda: model.train().eval(), lambda: model.eval(), lambda: model.to(torch.float32),
+                  lambda: model[0].omega_B.add_(0.0)):  # an optimizer step: same values would do, same address
+        with torch.no_grad():
+            stale()
+            model(x)  # an eager forward rebuilds the cache at a new address: only the generation tells
+        assert not model.training and mor.decode_state(model) != state, stale
+        state, _ = capture()  # captured again: valid until the next change
+        assert mor.decode_state(model) == state and state[0][1]
+
+
 def test_eval_with_parameters_made_under_inference_mode():
     """Inference tensors have no version counter (the cache key): such a layer computes B̃ afresh, correctly."""
     with torch.inference_mode():
@@ -396,6 +438,33 @@ def test_mor_compiles_fullgraph():
     ref = layer(x)
     torch.testing.assert_close(aux, layer.aux_loss, atol=1e-6, rtol=1e-6)
     assert_same_and_same_grads(out, ref, adapter_tensors(layer))
+
+
+def test_compiled_backward_keeps_eager_dtypes_under_bf16_autocast():
+    """torch.compile traces StackedMixture's backward with the forward's autocast still on; the backward turns it
+    off, so a compiled layer's gradients are as far from the fp64 reference as eager's, not farther (with
+    autocast leaking in, B̃'s factor products round to bf16: lora_B's error was 1.15x eager's, omega_B's 1.09x).
+    aot_eager traces the same forward and backward graphs as inductor, without a C++ build."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = mor.MoRLinear(nn.Linear(64, 96), r=8, alpha=32, num_experts=8, dropout=0.0)
+    randomize(layer)
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(256, 64, generator=gen), torch.randn(256, 96, generator=gen)
+    exact = copy.deepcopy(layer).double()
+    (exact.reference(x.double()) * w.double()).sum().backward()
+
+    def errors(fn):  # relative Frobenius error of each adapter gradient against the fp64 reference
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        (y.float() * w).sum().backward()
+        return {n: ((p.grad.double() - exact.get_parameter(n).grad).norm() / exact.get_parameter(n).grad.norm()).item()
+                for n, p in layer.adapter_parameters()}
+    eager = errors(layer)
+    compiled = errors(torch.compile(layer, backend="aot_eager", dynamic=False))
+    for n in eager:  # the same bf16 roundings in the same order give the same error; 1.05 leaves room for reordering
+        assert 1e-4 < eager[n] and compiled[n] <= 1.05 * eager[n], (n, eager[n], compiled[n])
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -654,6 +723,20 @@ def test_mor_file_stands_alone():
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert imported - set(sys.stdlib_module_names) == {"torch"}
+
+    def dotted(node):  # "torch.ops.aten.x" for an attribute chain on a name, else None
+        if isinstance(node, ast.Attribute):
+            return dotted(node.value) + "." + node.attr if dotted(node.value) else None
+        return node.id if isinstance(node, ast.Name) else None
+    tree = ast.parse(src)
+    names = {dotted(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)} - {None}
+    names |= {"torch." + n.args[1].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+              and dotted(n.func) == "getattr" and dotted(n.args[0]) == "torch" and isinstance(n.args[1], ast.Constant)}
+    private = sorted(n for n in names if n.split(".")[0] == "torch" and any(p[:1] == "_" or p == "ops"
+                                                                            for p in n.split(".")[1:]))
+    # copied into projects on other torch versions: public torch API only, but for softmax's own backward, looked up
+    # with a written-out fallback (test_softmax_backward_fallback_equals_reference) because it pays in bf16
+    assert private == ["torch._softmax_backward_data"], private
     code = ("import sys, torch, torch.nn as nn; import mor\n"
             "m = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))\n"
             "mor.add_adapters(m, 'mor', targets=('0', '2'), num_experts=2)\n"
