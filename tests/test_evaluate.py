@@ -104,6 +104,10 @@ def direct_loglikelihood(model, tok, context, continuation, max_len):
     for pos in range(len(seq) - 1 - n, len(seq) - 1):
         ll += logp[pos, seq[pos + 1]].item()
         greedy &= int(logp[pos].argmax()) == seq[pos + 1]
+        # batched and prefix-shared scoring run other GEMM shapes (logits differ ~1e-6: fp32 eps x reduction
+        # length 96): "greedy" is comparable only where the target is clearly the argmax or clearly not
+        others = torch.cat([logp[pos, :seq[pos + 1]], logp[pos, seq[pos + 1] + 1:]])
+        assert abs(logp[pos, seq[pos + 1]] - others.max()) > 1e-4, "a near tie: greedy is undecidable here"
     return ll, greedy
 
 
