@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import data
 import llama
+from tools import checks
 
 # paper column order (Table 1)
 TASKS = ("siqa", "piqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag", "openbookqa", "lambada",
@@ -772,6 +773,7 @@ def run(argv: list[str] | None = None) -> None:
     ap.add_argument("--router_stats", action="store_true", help="mean router weight per expert and task (Fig. 7)")
     ap.add_argument("--router_layer", type=int, default=-1, help="transformer block for --router_stats")
     args = ap.parse_args(argv)
+    checks.check_ranges(vars(args), checks.EVALUATE)
     check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
     _, _, device = llama.setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -781,6 +783,8 @@ def run(argv: list[str] | None = None) -> None:
     if args.adapter:   # a file or train.py's run folder, checked against this base
         llama.apply_adapter(model, args.adapter)
     model.eval()
+    n = model.params.n_layers   # a block index, Python-style negatives included
+    checks.check_ranges(vars(args), {"router_layer": f"[{-n}, {n - 1}]"})
     tokenizer = llama.load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
     results = evaluate_tasks(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size, args.skip_bad,
                              args.router_layer if args.router_stats else None)

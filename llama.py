@@ -793,8 +793,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.prompt is None and not args.chat:
         ap.error("give --prompt TEXT, or --chat (prompts from stdin)")
-    if args.max_new_tokens < 1:
-        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    from tools import checks   # the command line's checks; the model code needs nothing beyond this file
+    try:
+        checks.check_ranges(vars(args), checks.LLAMA)
+        checks.check_device(args.device)
+    except checks.FlagError as e:
+        sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     t0 = time.time()

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import data
 import mor
+from tools import checks
 from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, setup_distributed, \
     tokenizer_path, under_torchrun
 
@@ -176,10 +177,13 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--data/--val_data: no such file {path}")
         if os.path.getsize(path) == 0:
             raise ConfigError(f"{path}: the file is empty (expected one JSON example per line)")
-    for name in ("r", "num_experts", "max_len", "global_batch", "micro_batch", "eval_every", "ckpt_every",
-                 "pad_to_multiple"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    try:   # every numeric flag's range, and a --device this machine has
+        checks.check_ranges(vars(cfg), checks.TRAIN)
+        checks.check_device(cfg.device if cfg.device != "auto" else "cpu")
+    except checks.FlagError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.method != "full" and not cfg.targets:
+        raise ConfigError("--targets: no layer name given (e.g. --targets w1 w2 w3)")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ConfigError(f"{cfg.out_dir}: --out_dir is a file, not a folder; choose another --out_dir")
 

@@ -273,7 +273,7 @@ def test_bad_input_errors(tiny_ckpt, sft, tmp_path, capsys):
     assert "no checkpoint there" in main(["--ckpt_dir", tiny_ckpt, "--data", sft, "--resume", str(tmp_path / "d")])
     assert "--ckpt_dir and --data are required" in main(["--data", sft])
     assert "no params.json" in main(["--ckpt_dir", str(tmp_path), "--data", sft])
-    assert "--ckpt_every must be at least 1, got 0" in main(config(tiny_ckpt, sft, tmp_path / "e", ckpt_every=0))
+    assert "--ckpt_every must be in [1, inf), got 0" in main(config(tiny_ckpt, sft, tmp_path / "e", ckpt_every=0))
     assert "error: global batch 6 is not a multiple of micro_batch 4" in main(
         config(tiny_ckpt, sft, tmp_path / "f", global_batch=6, micro_batch=4))
     # resuming with other adapter settings: one clear line before any weight is loaded, not a state-dict traceback
