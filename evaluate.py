@@ -493,7 +493,15 @@ def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 reader = csv.reader(f)
                 line = 1
-                for fields in reader:
+                while True:
+                    try:
+                        fields = next(reader, None)
+                    except csv.Error as e:   # a field over csv.field_size_limit(): that row is bad, read on
+                        rows.append((f"{path}:{line}", ValueError(f"CSV: {e}"), None))
+                        line = reader.line_num + 1
+                        continue
+                    if fields is None:
+                        break
                     if any(x.strip() for x in fields):   # a CRLF file's line breaks inside quotes -> "\n"
                         fields = [x.replace("\r\n", "\n") for x in fields]
                         rows.append((f"{path}:{line}", dict(subject=subject, fields=fields), None))
@@ -513,6 +521,8 @@ def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None
 
 
 def _why(e: Exception) -> str:
+    if isinstance(e, RecursionError):   # json.loads of arrays/objects nested ~1000 deep
+        return "JSON nested deeper than Python's recursion limit"
     return f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
 
 
@@ -528,6 +538,8 @@ def load_task(task: str, data_dir: str, limit: int | None = None, skip_bad: bool
     items, bad = [], 0
     for where, raw, label in _raw_rows(task, find_data_file(task, folder)):
         try:
+            if isinstance(raw, Exception):   # a row the reader could not split
+                raise raw
             row = json.loads(raw) if isinstance(raw, str) else raw
             if not isinstance(row, dict):
                 raise ValueError("expected a JSON object")
@@ -535,7 +547,7 @@ def load_task(task: str, data_dir: str, limit: int | None = None, skip_bad: bool
                 row = {**row, "label": label}
             item = FORMATS[task](row)
             check_item(item)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             if not skip_bad:
                 raise ValueError(f"{where}: bad {task} row: {_why(e)}") from None
             bad += 1
