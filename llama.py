@@ -763,13 +763,14 @@ def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str], system:
 
 
 def stdin_turns() -> Iterator[str]:
-    """Lines of stdin until EOF; at a terminal each is asked for with "> " on stderr (stdout holds replies only)."""
-    while True:
+    """Lines of stdin until EOF, or none if there is no stdin (`<&-`); at a terminal each is asked for with "> " on
+    stderr (stdout holds replies only). Bytes that are not UTF-8 become U+FFFD: one bad byte ends no conversation."""
+    while sys.stdin is not None:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        if not (line := sys.stdin.readline()):
+        if not (line := getattr(sys.stdin, "buffer", sys.stdin).readline()):
             return
-        yield line
+        yield line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
 
 
 def main(argv: list[str] | None = None) -> None:
