@@ -690,6 +690,10 @@ def evaluate_tasks(model, tokenizer, tasks, data_dir: str, limit: int | None = N
             continue
         t0 = time.time()
         items, bad = load_task(task, data_dir, limit, skip_bad)
+        if not items:   # a score over no item is no score: absent, never 0 (nor in Avg.)
+            why = f"every row malformed ({bad} skipped by --skip_bad)" if bad else "no rows in its data file"
+            results[task] = {"absent": f"{os.path.join(data_dir, task)}: {why}", "n": 0, "skipped_bad_rows": bad}
+            continue
         routers = router_layers(model, router_layer) if router_layer is not None else {}
         for m in routers.values():
             m.router_sum.zero_()
@@ -803,6 +807,8 @@ def run(argv: list[str] | None = None) -> None:
     wall = time.time() - t0
     if _is_main():
         for task, r in results.items():
+            if "absent" in r and "n" in r:   # read, but nothing to score: said here, left out of table and Avg.
+                print(f"[{task}] not scored: {r['absent']}", file=sys.stderr)
             if r.get("skipped_bad_rows"):
                 print(f"[{task}] skipped {r['skipped_bad_rows']} malformed rows (--skip_bad)", file=sys.stderr)
         print(format_table(results))

@@ -741,6 +741,10 @@ def load_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int) -> tuple[list, 
         val = [ex for i, ex in enumerate(train) if i in held]
         train = [ex for i, ex in enumerate(train) if i not in held]
     else:
+        if cfg.val_size > 0 and rank == 0:   # too few to hold out: say so rather than silently validate nothing
+            print(f"warning: --val_size {cfg.val_size} would leave fewer than --global_batch {cfg.global_batch} of the "
+                  f"{len(train)} examples to train on: no validation loss (give a smaller --val_size, or --val_data)",
+                  file=sys.stderr)
         val = []
     if cfg.pack:
         random.Random(cfg.seed).shuffle(train)   # mix sources before packing neighbours together

@@ -3,6 +3,7 @@ integer of 5000 digits, a CSV field over csv.field_size_limit()): one `error: fi
 counted under --skip_bad_examples (train.py) / --skip_bad (evaluate.py)."""
 import csv
 import json
+import re
 
 import pytest
 
@@ -62,3 +63,32 @@ def test_csv_field_over_the_limit_is_a_bad_row(tiny_ckpt, tmp_path, capsys):
     code, err = run_main(ev.main, ["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "mmlu",
                                    "--out", str(tmp_path / "r.json")], capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {path}:2: bad mmlu row: CSV: field larger")
+
+
+@pytest.mark.parametrize("content,flags,why", [("", [], "no rows in its data file"),
+                                               ('{"x": 1}\n[2]\n', ["--skip_bad"], "every row malformed (2 skipped by --skip_bad)")])
+def test_task_with_nothing_scored_is_absent_not_zero(tiny_ckpt, tmp_path, capsys, content, flags, why):
+    """An empty file, or every row skipped: no number for that task (not 0.0), not in Avg., said on stderr."""
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text("\n".join(json.dumps(PIQA) for _ in range(3)) + "\n")
+    (tmp_path / "winogrande").mkdir()
+    (tmp_path / "winogrande" / "dev.jsonl").write_text(content)
+    out = tmp_path / "r.json"
+    ev.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--out", str(out)] + flags)
+    captured = capsys.readouterr()
+    wg = json.loads(out.read_text())["tasks"]["winogrande"]
+    assert wg["n"] == 0 and "acc" not in wg and wg["absent"].endswith(why) and "winogrande" in wg["absent"]
+    assert f"[winogrande] not scored: {wg['absent']}" in captured.err
+    head, row = captured.out.splitlines()[:2]
+    cells = dict(zip([h.strip() for h in head.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["WG"] == "absent" and cells["Avg."] == cells["PIQA"] != "-"   # Avg. of PIQA alone
+
+
+def test_val_size_larger_than_the_data_is_said(tiny_ckpt, tmp_path, capsys):
+    path = data.write_jsonl(data.synthetic_tasks(2, seed=0), str(tmp_path / "train.jsonl"))   # 8 lines
+    train.main(["--ckpt_dir", tiny_ckpt, "--data", path, "--out_dir", str(tmp_path / "run"), "--val_size", "100",
+                "--global_batch", "4", "--micro_batch", "4", "--max_steps", "1", "--max_len", "64",
+                "--progress", "false", "--compile", "false"])
+    err = capsys.readouterr().err
+    assert re.search(r"warning: --val_size 100 would leave fewer than --global_batch 4 of the [1-8] examples to "
+                     r"train on: no validation loss", err), err
