@@ -168,8 +168,10 @@ def parse_line(raw: bytes, first: bool = False) -> tuple[dict | None, str | None
         return None, None
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg})"
+    except RecursionError:
+        return None, "not valid JSON for Python: nested deeper than its recursion limit"
+    except ValueError as e:   # JSONDecodeError, or an integer longer than int() converts (4300 digits)
+        return None, f"not valid JSON ({getattr(e, 'msg', str(e).split(':')[0])})"
     reason = check_example(obj)
     return (obj, None) if reason is None else (None, reason)
 

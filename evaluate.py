@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import data
 import llama
+from tools import checks
 
 # paper column order (Table 1)
 TASKS = ("siqa", "piqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag", "openbookqa", "lambada",
@@ -492,7 +493,15 @@ def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 reader = csv.reader(f)
                 line = 1
-                for fields in reader:
+                while True:
+                    try:
+                        fields = next(reader, None)
+                    except csv.Error as e:   # a field over csv.field_size_limit(): that row is bad, read on
+                        rows.append((f"{path}:{line}", ValueError(f"CSV: {e}"), None))
+                        line = reader.line_num + 1
+                        continue
+                    if fields is None:
+                        break
                     if any(x.strip() for x in fields):   # a CRLF file's line breaks inside quotes -> "\n"
                         fields = [x.replace("\r\n", "\n") for x in fields]
                         rows.append((f"{path}:{line}", dict(subject=subject, fields=fields), None))
@@ -512,6 +521,8 @@ def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None
 
 
 def _why(e: Exception) -> str:
+    if isinstance(e, RecursionError):   # json.loads of arrays/objects nested ~1000 deep
+        return "JSON nested deeper than Python's recursion limit"
     return f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
 
 
@@ -527,6 +538,8 @@ def load_task(task: str, data_dir: str, limit: int | None = None, skip_bad: bool
     items, bad = [], 0
     for where, raw, label in _raw_rows(task, find_data_file(task, folder)):
         try:
+            if isinstance(raw, Exception):   # a row the reader could not split
+                raise raw
             row = json.loads(raw) if isinstance(raw, str) else raw
             if not isinstance(row, dict):
                 raise ValueError("expected a JSON object")
@@ -534,7 +547,7 @@ def load_task(task: str, data_dir: str, limit: int | None = None, skip_bad: bool
                 row = {**row, "label": label}
             item = FORMATS[task](row)
             check_item(item)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             if not skip_bad:
                 raise ValueError(f"{where}: bad {task} row: {_why(e)}") from None
             bad += 1
@@ -677,6 +690,10 @@ def evaluate_tasks(model, tokenizer, tasks, data_dir: str, limit: int | None = N
             continue
         t0 = time.time()
         items, bad = load_task(task, data_dir, limit, skip_bad)
+        if not items:   # a score over no item is no score: absent, never 0 (nor in Avg.)
+            why = f"every row malformed ({bad} skipped by --skip_bad)" if bad else "no rows in its data file"
+            results[task] = {"absent": f"{os.path.join(data_dir, task)}: {why}", "n": 0, "skipped_bad_rows": bad}
+            continue
         routers = router_layers(model, router_layer) if router_layer is not None else {}
         for m in routers.values():
             m.router_sum.zero_()
@@ -772,6 +789,7 @@ def run(argv: list[str] | None = None) -> None:
     ap.add_argument("--router_stats", action="store_true", help="mean router weight per expert and task (Fig. 7)")
     ap.add_argument("--router_layer", type=int, default=-1, help="transformer block for --router_stats")
     args = ap.parse_args(argv)
+    checks.check_ranges(vars(args), checks.EVALUATE)
     check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
     _, _, device = llama.setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -781,12 +799,16 @@ def run(argv: list[str] | None = None) -> None:
     if args.adapter:   # a file or train.py's run folder, checked against this base
         llama.apply_adapter(model, args.adapter)
     model.eval()
+    n = model.params.n_layers   # a block index, Python-style negatives included
+    checks.check_ranges(vars(args), {"router_layer": f"[{-n}, {n - 1}]"})
     tokenizer = llama.load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
     results = evaluate_tasks(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size, args.skip_bad,
                              args.router_layer if args.router_stats else None)
     wall = time.time() - t0
     if _is_main():
         for task, r in results.items():
+            if "absent" in r and "n" in r:   # read, but nothing to score: said here, left out of table and Avg.
+                print(f"[{task}] not scored: {r['absent']}", file=sys.stderr)
             if r.get("skipped_bad_rows"):
                 print(f"[{task}] skipped {r['skipped_bad_rows']} malformed rows (--skip_bad)", file=sys.stderr)
         print(format_table(results))

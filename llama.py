@@ -763,13 +763,14 @@ def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str], system:
 
 
 def stdin_turns() -> Iterator[str]:
-    """Lines of stdin until EOF; at a terminal each is asked for with "> " on stderr (stdout holds replies only)."""
-    while True:
+    """Lines of stdin until EOF, or none if there is no stdin (`<&-`); at a terminal each is asked for with "> " on
+    stderr (stdout holds replies only). Bytes that are not UTF-8 become U+FFFD: one bad byte ends no conversation."""
+    while sys.stdin is not None:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        if not (line := sys.stdin.readline()):
+        if not (line := getattr(sys.stdin, "buffer", sys.stdin).readline()):
             return
-        yield line
+        yield line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -793,8 +794,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.prompt is None and not args.chat:
         ap.error("give --prompt TEXT, or --chat (prompts from stdin)")
-    if args.max_new_tokens < 1:
-        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    from tools import checks   # the command line's checks; the model code needs nothing beyond this file
+    try:
+        checks.check_ranges(vars(args), checks.LLAMA)
+        checks.check_device(args.device)
+    except checks.FlagError as e:
+        sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     t0 = time.time()

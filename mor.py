@@ -649,9 +649,13 @@ def add_adapters(model: nn.Module, method: str, targets=("w1", "w2", "w3"), **hy
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     unmatched = [t for t in targets if not any(matches(n, t) for n in linears)]
-    if unmatched:
-        raise ValueError(f"target(s) {unmatched} match no nn.Linear in the model; "
-                         f"nn.Linear names look like {list(linears)[:6]}")
+    if unmatched:   # only nn.Linear layers are adapted: name what the target did match (HF GPT-2's Conv1D, ...)
+        other = [f"{n} is {type(m).__name__}, not nn.Linear" for n, m in model.named_modules()
+                 if n and not isinstance(m, nn.Linear) and any(matches(n, t) for t in unmatched)]
+        hint = (f"; {', '.join(other[:3])}: only nn.Linear layers are adapted, so replace those modules by "
+                "nn.Linear ones (Conv1D holds the transposed weight: nn.Linear's weight = conv.weight.T)") if other \
+            else f"; only nn.Linear layers are adapted, and their names look like {list(linears)[:6]}"
+        raise ValueError(f"target(s) {unmatched} match no nn.Linear in the model{hint}")
     names = [n for n in linears if any(matches(n, t) for t in targets)]
     for p in model.parameters():
         p.requires_grad_(False)

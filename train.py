@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import data
 import mor
+from tools import checks
 from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, setup_distributed, \
     tokenizer_path, under_torchrun
 from tools import run_dir as folder
@@ -176,10 +177,13 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--data/--val_data: no such file {path}")
         if os.path.getsize(path) == 0:
             raise ConfigError(f"{path}: the file is empty (expected one JSON example per line)")
-    for name in ("r", "num_experts", "max_len", "global_batch", "micro_batch", "eval_every", "ckpt_every",
-                 "pad_to_multiple"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    try:   # every numeric flag's range, and a --device this machine has
+        checks.check_ranges(vars(cfg), checks.TRAIN)
+        checks.check_device(cfg.device if cfg.device != "auto" else "cpu")
+    except checks.FlagError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.method != "full" and not cfg.targets:
+        raise ConfigError("--targets: no layer name given (e.g. --targets w1 w2 w3)")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ConfigError(f"{cfg.out_dir}: --out_dir is a file, not a folder; choose another --out_dir")
 
@@ -657,6 +661,10 @@ def load_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int) -> tuple[list, 
         val = [ex for i, ex in enumerate(train) if i in held]
         train = [ex for i, ex in enumerate(train) if i not in held]
     else:
+        if cfg.val_size > 0 and rank == 0:   # too few to hold out: say so rather than silently validate nothing
+            print(f"warning: --val_size {cfg.val_size} would leave fewer than --global_batch {cfg.global_batch} of the "
+                  f"{len(train)} examples to train on: no validation loss (give a smaller --val_size, or --val_data)",
+                  file=sys.stderr)
         val = []
     if cfg.pack:
         random.Random(cfg.seed).shuffle(train)   # mix sources before packing neighbours together

@@ -103,8 +103,12 @@ def test_cli_chat_with_piped_stdin_and_prompt(tiny_ckpt, tmp_path, capsys):
                        input="\n".join(TURNS) + "\n", capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr
-    out = io.StringIO()   # the replies of the same conversation in this process (checked in check_chat)
-    llama.chat(model, tok, TURNS, SYSTEM, 8, out=out)
+    out, threads = io.StringIO(), torch.get_num_threads()   # the same conversation's replies in this process
+    torch.set_num_threads(1)   # with the subprocess's one thread: the same kernels, so the same greedy tokens
+    try:
+        llama.chat(model, tok, TURNS, SYSTEM, 8, out=out)
+    finally:
+        torch.set_num_threads(threads)
     assert p.stdout == out.getvalue() and p.stdout.strip()
     # --prompt with --chat: one turn, then exit
     llama.main(args + ["--chat", "--prompt", TURNS[0]])
@@ -138,3 +142,25 @@ def test_stories260k_chat_with_mor_adapter(tmp_path):
     tok = llama.Tokenizer(os.path.join(STORIES, "tokenizer.model"))
     text = check_chat(model, tok, max_new_tokens=24)
     assert len(text) > 20
+
+
+def test_cli_chat_stdin_not_utf8_closed_or_empty(tiny_ckpt):
+    """Bytes that are not UTF-8 are read as U+FFFD and the conversation goes on (the same replies as for the
+    replaced text, computed here); stdin at EOF or closed (`<&-`) ends cleanly with exit 0 and no reply."""
+    tok = llama.Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    cmd = [sys.executable, os.path.join(ROOT, "llama.py"), "--ckpt_dir", tiny_ckpt, "--chat", "--max_new_tokens", "6",
+           "--max_seq_len", "256"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, input=b"caf\xe9 \xff\xfe ok\nsecond turn\n", capture_output=True, timeout=120, env=env)
+    assert p.returncode == 0 and b"Traceback" not in p.stderr, p.stderr
+    model = llama.Transformer.from_checkpoint(tiny_ckpt, max_seq_len=256)
+    out, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)   # the subprocess's one thread: the same kernels, so the same greedy tokens
+    try:
+        llama.chat(model, tok, ["caf\ufffd \ufffd\ufffd ok\n", "second turn\n"], None, 6, out=out)
+    finally:
+        torch.set_num_threads(threads)
+    assert p.stdout.decode() == out.getvalue() and out.getvalue().count("\n") == 2
+    for stdin in (dict(stdin=subprocess.DEVNULL), dict(preexec_fn=lambda: os.close(0))):   # EOF, then closed
+        p = subprocess.run(cmd, capture_output=True, timeout=120, env=env, **stdin)
+        assert p.returncode == 0 and p.stdout == b"" and b"Traceback" not in p.stderr, p.stderr
