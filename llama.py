@@ -15,7 +15,6 @@ Where this file differs from Meta's, and why:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import glob
@@ -25,11 +24,9 @@ import mmap
 import os
 import re
 import sys
-import time
 import warnings
-import zipfile
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import sentencepiece as spm
 import torch
@@ -58,15 +55,21 @@ class ModelArgs:
     max_seq_len: int = 2048             # prompt + generation never goes beyond this in generate()
 
 
-REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")   # in every Meta params.json; no default could be right
+# What a params.json value must be, by its ModelArgs annotation: what to write, and the test. JSON's 8.0
+# is no integer (head counts index tensors), and true is no number.
+PARAM_KINDS = {"int": ("an integer", lambda v: type(v) is int),
+               "float": ("a number", lambda v: type(v) in (int, float)),
+               "bool": ("true or false", lambda v: type(v) is bool)}
+POSITIVE = ("dim", "n_layers", "n_heads", "multiple_of")   # the first three: no default could be right
 
 
 def load_params(path: str, **overrides) -> ModelArgs:
     """Read Meta's params.json; unknown keys (newer releases add some) are warned about and ignored.
-    Keys of the wrong type, a missing dim/n_layers/n_heads, or sizes that cannot build a model are a
-    CheckpointError naming the file and the key. A UTF-8 BOM and CRLF line ends are fine."""
+    A missing dim/n_layers/n_heads, a value of the wrong type, or sizes that cannot build a model are
+    a CheckpointError naming the file and the key. A UTF-8 BOM and CRLF line ends are fine."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no params.json (Meta's layout is params.json + consolidated.NN.pth)")
+        raise FileNotFoundError(f"{path}: no params.json (Meta's layout is params.json + "
+                                "consolidated.NN.pth)")
     with open(path, encoding="utf-8-sig") as f:   # -sig: a BOM (Windows editors add one) is not JSON
         try:
             raw = json.load(f)
@@ -77,54 +80,36 @@ def load_params(path: str, **overrides) -> ModelArgs:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object {{\"dim\": ..., \"n_layers\": ...}}, "
                               f"got a JSON {type(raw).__name__}")
-    if missing := [k for k in REQUIRED_PARAMS if k not in raw]:
+    if missing := [k for k in POSITIVE[:3] if k not in raw]:
         raise CheckpointError(f"{path}: missing key {missing[0]!r} (Meta's params.json gives "
-                              f"{', '.join(REQUIRED_PARAMS)}): add it")
-    known = {f.name: f.type for f in fields(ModelArgs)}
+                              f"{', '.join(POSITIVE[:3])}): add it")
+    known = {f.name: f.type for f in fields(ModelArgs)}   # "int | None": annotations are strings here
     if unknown := sorted(set(raw) - set(known)):
         warnings.warn(f"{path}: ignoring unknown keys {unknown}")
     for k, v in raw.items():
-        if k in known and (why := _param_type_error(known[k], v)):
-            raise CheckpointError(f"{path}: {k!r} is {json.dumps(v)}, {why}")
+        if k not in known or (v is None and "None" in known[k]):
+            continue
+        kind = known[k].split(" ")[0]
+        want, ok = PARAM_KINDS[kind]
+        if ok(v) and (k not in POSITIVE or v >= 1):
+            continue
+        if ok(v):
+            raise CheckpointError(f"{path}: {k!r} is {v}, expected a positive integer")
+        try:   # the fix, when the value is a number written the wrong way: 8.0 or "8" for 8, "1e-5"
+            x = None if type(v) is bool else float(v)
+        except (TypeError, ValueError):
+            x = None
+        fix = (f": write {int(x)}" if kind == "int" and x is not None and x.is_integer() else
+               f": write {json.dumps(x)}" if kind == "float" and x is not None else "")
+        raise CheckpointError(f"{path}: {k!r} is {json.dumps(v)}, expected {want}"
+                              f"{' or null' if 'None' in known[k] else ''}{fix}")
     args = ModelArgs(**{**{k: v for k, v in raw.items() if k in known}, **overrides})
-    check_params(args, path)
-    return args
-
-
-def _param_type_error(kind: str, v) -> str | None:
-    """Why value v does not fit a ModelArgs field annotated `kind` (a string: `from __future__ import
-    annotations`), or None. JSON's 8.0 is not an int (head counts index tensors); bool is never a number."""
-    if v is None and "None" in kind:
-        return None
-    if kind.startswith("int"):
-        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
-    elif kind.startswith("float"):
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
-    else:
-        ok, want = isinstance(v, bool), "true or false"
-    if ok:
-        return None
-    want += " or null" if "None" in kind else ""
-    try:   # the fix, when the value is a number written the wrong way: 8.0 or "8" for 8, "1e-5" for 1e-05
-        x = float(v) if not isinstance(v, bool) else None
-    except (TypeError, ValueError):
-        x = None
-    if x is not None and kind.startswith("int") and x.is_integer():
-        return f"expected {want}: write {int(x)}"
-    if x is not None and kind.startswith("float"):
-        return f"expected {want}: write {json.dumps(x)}"
-    return f"expected {want}"
-
-
-def check_params(args: ModelArgs, path: str) -> None:
-    """Sizes that can build a model: positive, heads dividing the width, kv heads dividing the heads."""
-    for k in ("dim", "n_layers", "n_heads", "multiple_of"):
-        if getattr(args, k) < 1:
-            raise CheckpointError(f"{path}: {k!r} is {getattr(args, k)}, expected a positive integer")
     if args.dim % args.n_heads:
         raise CheckpointError(f"{path}: 'dim' {args.dim} is not a multiple of 'n_heads' {args.n_heads}")
     if args.n_kv_heads is not None and (args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads):
-        raise CheckpointError(f"{path}: 'n_kv_heads' {args.n_kv_heads} does not divide 'n_heads' {args.n_heads}")
+        raise CheckpointError(f"{path}: 'n_kv_heads' {args.n_kv_heads} does not divide 'n_heads' "
+                              f"{args.n_heads}")
+    return args
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
@@ -522,24 +507,6 @@ def load_tokenizer(ckpt_dir: str, vocab_size: int, path: str | None = None) -> T
     return Tokenizer(path)
 
 
-def under_torchrun() -> bool:
-    """The one rule for "launched by torchrun" (train.py, evaluate.py): it sets RANK and WORLD_SIZE, even for one
-    process."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def setup_distributed(cuda: bool) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: a process group (NCCL on CUDA, gloo on CPU) and, on CUDA, the
-    GPU of this process's LOCAL_RANK, as Meta's Llama.build does. Alone: rank 0 of 1."""
-    import torch.distributed as dist
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if under_torchrun() and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device
-
-
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling: keep the most likely tokens until their mass reaches p (the one crossing p included)."""
     sorted_probs, idx = probs.sort(dim=-1, descending=True)
@@ -606,222 +573,6 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     return out
 
 
-# ----------------------------------------------------------------------------- command line: adapters and chat
-# The model above knows nothing about adapters. The command line loads train.py's adapter through mor.py and
-# talks in data.py's chat template; both are imported inside these functions only, so `import llama` (and
-# everything that imports it) never imports them.
-
-def adapter_file(path: str) -> str:
-    """--adapter as given: an adapter file, or a folder holding adapter.pth (train.py's out_dir, or one of its
-    ckpt_<step> checkpoints)."""
-    if not os.path.isdir(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no adapter file or run folder there")
-        return path
-    if os.path.isfile(file := os.path.join(path, "adapter.pth")):
-        return file
-    hint = "train.py writes it when a run ends"
-    if os.path.isfile(latest := os.path.join(path, "latest")):
-        with open(latest, encoding="utf-8-sig") as f:
-            ckpt = os.path.join(path, f.read().strip(), "adapter.pth")
-        hint = f"the run has not finished; its latest checkpoint's is {ckpt}"
-    raise FileNotFoundError(f"{path}: no adapter.pth in this folder ({hint})")
-
-
-def _linear_shapes(sd: dict[str, torch.Tensor], full: bool) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each nn.Linear a saved adapter was trained on: from lora_A (.., r, in) and
-    lora_B (.., out, r), the factors of every method; for full fine-tuning from the 2-D weights themselves."""
-    shapes: dict[str, list[int]] = {}
-    for k, t in sd.items():
-        linear, _, name = k.rpartition(".")
-        if full and name == "weight" and t.dim() == 2 and linear != "tok_embeddings":
-            shapes[linear] = [t.shape[1], t.shape[0]]
-        elif not full and name in ("lora_A", "lora_B") and t.dim() >= 2:
-            shapes.setdefault(linear, [0, 0])[name == "lora_B"] = t.shape[-1 if name == "lora_A" else -2]
-    return {k: tuple(v) for k, v in shapes.items()}
-
-
-def _describe(shapes: dict[str, tuple[int, int]]) -> str:
-    """"dim 64 / 4 layers": the width (what wq/wk/wv/w1/w3/output read, wo/w2 write) and the layer count."""
-    dims = {io[name in ("wo", "w2")] for n, io in shapes.items() if (name := n.rpartition(".")[2])
-            in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")}
-    layers = {int(m.group(1)) for n in shapes if (m := re.match(r"layers\.(\d+)\.", n))}
-    return f"dim {'/'.join(map(str, sorted(dims))) or '?'} / {max(layers) + 1 if layers else 0} layers"
-
-
-def check_adapter(model: Transformer, path: str) -> None:
-    """The adapter file is train.py's (mor.save_adapter's {"config", "state_dict"}) and was trained on a base
-    of this model's shapes; else a CheckpointError naming the file. Reads the file memory-mapped (cheap)."""
-    if not zipfile.is_zipfile(path):   # what torch.save writes
-        raise CheckpointError(f"{path}: not an adapter file (not a torch.save archive: truncated, garbage, or "
-                              "another format); give train.py's adapter.pth or its run folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:   # a damaged archive: torch raises several types
-        raise CheckpointError(f"{path}: not an adapter file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                              "give train.py's adapter.pth or its run folder") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "method" in ckpt["config"]
-            and isinstance(ckpt.get("state_dict"), dict)):
-        raise CheckpointError(f"{path}: not an adapter file (expected train.py's {{'config', 'state_dict'}})")
-    config, sd = ckpt["config"], ckpt["state_dict"]
-    full = config["method"] == "full"
-    here = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if not full:   # the linears the adapter's targets name (mor.add_adapters' rule: a name or dotted suffix)
-        targets = config.get("targets", ())
-        here = {n: io for n, io in here.items() if any(n == t or n.endswith("." + t) for t in targets)}
-    trained = _linear_shapes(sd, full)
-    if differ := [n for n in sorted(set(here) | set(trained)) if here.get(n) != trained.get(n)]:
-        a = _describe(trained)
-        b = f"dim {model.params.dim} / {model.params.n_layers} layers"
-        if a == b:   # same width and depth: name the first linear that differs
-            a, b = (f"{differ[0]} of (in, out) features {trained.get(differ[0], '(none)')}",
-                    f"{here.get(differ[0], '(none)')}")
-        raise CheckpointError(f"{path}: trained on {a}, this base is {b}: give the --ckpt_dir it was trained on")
-
-
-def apply_adapter(model: Transformer, path: str) -> dict:
-    """Load train.py's adapter (a file, or a run or checkpoint folder holding adapter.pth) into the model with
-    mor.load_adapter, after check_adapter; eval mode. Returns the adapter's config."""
-    import mor
-    path = adapter_file(path)
-    check_adapter(model, path)
-    try:
-        config = mor.load_adapter(model, path)
-    except (ValueError, TypeError, RuntimeError) as e:   # a config this mor.py does not know, keys that differ
-        msg = " ".join(str(e).split())
-        raise CheckpointError(msg if msg.startswith(path) else f"{path}: {msg[:300]}") from None
-    model.eval()   # new adapter modules start in training mode (dropout)
-    return config
-
-
-@torch.inference_mode()
-def stream(model: Transformer, tokens: list[int], start_pos: int, max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 0.9, eos_id: int | None = None) -> Iterator[int]:
-    """One sequence (batch 1): feed `tokens` at positions start_pos.. (the KV cache holds the earlier ones),
-    then yield new tokens one at a time, each fed back through the cache. Ends at eos_id (not yielded), after
-    max_new_tokens, or at the end of the cache. Every yielded token but the last has been fed."""
-    device = model.tok_embeddings.weight.device
-    for _ in range(max_new_tokens):
-        if start_pos + len(tokens) > model.cache_size[1]:
-            return
-        logits = model(torch.tensor([tokens], device=device), start_pos=start_pos, last_only=True)[0, -1]
-        start_pos += len(tokens)
-        t = int(next_token(logits, temperature, top_p))
-        if t == eos_id:
-            return
-        yield t
-        tokens = [t]
-
-
-def print_stream(tokenizer: Tokenizer, new: Iterator[int], before: list[int] = (), out=None) -> list[int]:
-    """Print tokens as they come (decoded together with `before`: a lone piece would lose its leading space;
-    a character split across byte tokens waits for its last byte). Returns the tokens."""
-    out = out or sys.stdout
-    got, shown = [], tokenizer.decode(list(before))
-    for t in new:
-        got.append(t)
-        text = tokenizer.decode(list(before) + got)
-        if not text.endswith("\ufffd") and text.startswith(shown):
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-    out.write(tokenizer.decode(list(before) + got)[len(shown):] + "\n")
-    out.flush()
-    return got
-
-
-def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str], system: str | None = None,
-         max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9, out=None) -> list[int]:
-    """One user turn per line of `lines` (blank lines skipped), each answered in the Tulu template train.py
-    trains with (data.chat_prompt); the conversation stays in the KV cache and only new tokens are fed.
-    Tokens follow data.encode_segments: [BOS] template-and-question, the reply, EOS (a token, not text).
-    Returns the tokens of the (last) conversation."""
-    import data
-    out = out or sys.stdout
-    max_len = model.params.max_seq_len
-    model.setup_cache(1, max_len)
-    history, cached = [], 0   # every token of the conversation; how many of them the cache holds
-    for line in lines:
-        if not line.strip():
-            continue
-        turn = tokenizer.encode(data.chat_prompt(line, None if history else system), bos=not history, eos=False)
-        if len(history) + len(turn) + 1 > max_len:   # the conversation no longer fits: start a new one
-            print(f"[the conversation reached max_seq_len={max_len} tokens: starting a new one]", file=sys.stderr)
-            history, cached = [], 0
-            turn = tokenizer.encode(data.chat_prompt(line, system), bos=True, eos=False)
-            if len(turn) + 1 > max_len:
-                print(f"[this turn alone is {len(turn)} tokens, more than max_seq_len={max_len}: skipped]",
-                      file=sys.stderr)
-                continue
-        history += turn
-        reply = print_stream(tokenizer, stream(model, history[cached:], cached, max_new_tokens, temperature, top_p,
-                                               tokenizer.eos_id), out=out)
-        cached = len(history) + max(len(reply) - 1, 0)   # the last reply token was sampled, maybe not fed
-        history += reply + [tokenizer.eos_id]             # each reply ends with EOS, as in training
-    model.clear_cache()
-    return history
-
-
-def stdin_turns() -> Iterator[str]:
-    """Lines of stdin until EOF, or none if there is no stdin (`<&-`); at a terminal each is asked for with "> " on
-    stderr (stdout holds replies only). Bytes that are not UTF-8 become U+FFFD: one bad byte ends no conversation."""
-    while sys.stdin is not None:
-        if sys.stdin.isatty():
-            print("> ", end="", file=sys.stderr, flush=True)
-        if not (line := getattr(sys.stdin, "buffer", sys.stdin).readline()):
-            return
-        yield line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Complete a prompt, or chat, with a LLaMA checkpoint in Meta's layout "
-                                             "(and a train.py adapter).")
-    ap.add_argument("--ckpt_dir", required=True, help="folder with params.json and consolidated.NN.pth")
-    ap.add_argument("--prompt", help="text to complete (with --chat: one user turn, then exit)")
-    ap.add_argument("--chat", action="store_true", help="Tulu chat template (as train.py trains); without "
-                    "--prompt one user turn per line of stdin, until EOF (Ctrl-D)")
-    ap.add_argument("--system", help="--chat: a system message before the first turn")
-    ap.add_argument("--adapter", help="train.py's adapter.pth, or its run folder (out_dir)")
-    ap.add_argument("--tokenizer", help="default: tokenizer.model in ckpt_dir, else in its parent (LLaMA-2 layout)")
-    ap.add_argument("--max_new_tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top_p", type=float, default=0.9)
-    ap.add_argument("--max_seq_len", type=int, default=2048)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 on cuda, else float32")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.prompt is None and not args.chat:
-        ap.error("give --prompt TEXT, or --chat (prompts from stdin)")
-    from tools import checks   # the command line's checks; the model code needs nothing beyond this file
-    try:
-        checks.check_ranges(vars(args), checks.LLAMA)
-        checks.check_device(args.device)
-    except checks.FlagError as e:
-        sys.exit(f"error: {e}")
-    torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
-    t0 = time.time()
-    try:   # bad files: one line naming the file and the problem, not a traceback
-        model = Transformer.from_checkpoint(args.ckpt_dir, args.device, dtype, args.max_seq_len, max_batch_size=1)
-        if args.adapter:
-            apply_adapter(model, args.adapter)
-        tokenizer = load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
-    except (CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    print(f"[loaded in {time.time() - t0:.1f} s]", file=sys.stderr)
-    if args.chat:
-        lines = [args.prompt] if args.prompt is not None else stdin_turns()
-        chat(model, tokenizer, lines, args.system, args.max_new_tokens, args.temperature, args.top_p)
-        return
-    prompt = tokenizer.encode(args.prompt)[-args.max_seq_len:]
-    model.setup_cache(1, args.max_seq_len)
-    sys.stdout.write(tokenizer.decode(prompt))
-    sys.stdout.flush()
-    print_stream(tokenizer, stream(model, prompt, 0, args.max_new_tokens, args.temperature, args.top_p,
-                                   tokenizer.eos_id), before=prompt)
-
-
 if __name__ == "__main__":
-    main()
+    from tools import chat   # the command line joins the model to mor.py and data.py; the model needs neither
+    chat.main()
