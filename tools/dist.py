@@ -1,5 +1,5 @@
-"""Processes under torchrun, for train.py and evaluate.py: the one rule for "launched by torchrun" and the
-process-group setup both use."""
+"""Processes under torchrun, for train.py and evaluate.py: the one rule for "launched by torchrun"
+and the process-group setup both use."""
 from __future__ import annotations
 
 import os
@@ -14,9 +14,11 @@ def under_torchrun() -> bool:
 
 
 def setup_distributed(cuda: bool) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: a process group (NCCL on CUDA, gloo on CPU) and, on CUDA,
-    the GPU of this process's LOCAL_RANK, as Meta's Llama.build does. Alone: rank 0 of 1."""
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    """(rank, world_size, device). Under torchrun: a process group (NCCL on CUDA, gloo on CPU) and,
+    on CUDA, the GPU of this process's LOCAL_RANK, as Meta's Llama.build does. Alone: rank 0 of
+    1."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if under_torchrun() and not dist.is_initialized():
