@@ -38,6 +38,8 @@ from tqdm import tqdm
 import data
 import llama
 from tools import checks
+from tools.chat import apply_adapter
+from tools.dist import setup_distributed
 
 # paper column order (Table 1)
 TASKS = ("siqa", "piqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag", "openbookqa", "lambada",
@@ -791,13 +793,13 @@ def run(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     checks.check_ranges(vars(args), checks.EVALUATE)
     check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
-    _, _, device = llama.setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
+    _, _, device = setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.time()
     model = llama.Transformer.from_checkpoint(args.ckpt_dir, device, dtype, max_seq_len=args.max_seq_len,
                                               max_batch_size=args.batch_size)
     if args.adapter:   # a file or train.py's run folder, checked against this base
-        llama.apply_adapter(model, args.adapter)
+        apply_adapter(model, args.adapter)
     model.eval()
     n = model.params.n_layers   # a block index, Python-style negatives included
     checks.check_ranges(vars(args), {"router_layer": f"[{-n}, {n - 1}]"})

@@ -1,53 +1,48 @@
 """A single-file LLaMA in plain PyTorch that loads Meta's original checkpoints.
 
-Covers LLaMA-1/2 (7B/13B/70B, GQA on 70B), Code Llama (rope_theta 1e6) and the Llama-3/3.1 architecture
-(rope_theta 500000, scaled RoPE). Module names are Meta's (llama/model.py), so Meta's state dicts load by key.
-Where this file differs from Meta's, and why:
-- RoPE rotates Meta's interleaved pairs (x[2i], x[2i+1]) with real cos/sin instead of complex numbers
-  (torch.compile cannot trace complex tensors), computed from the positions at every forward: there are no
-  rope buffers to materialise after building on `meta`, and none for `model.to(bfloat16)` to round.
-- The KV cache is static (allocated once, written at each row's `start_pos`, attended through a mask). Eager
-  attention reads only the filled part rounded up to KV_BUCKET slots (shapes change once per 32 steps);
-  under torch.compile with a tensor position it reads the whole cache: one graph, friendly to CUDA graphs.
+Covers LLaMA-1/2 (7B/13B/70B, GQA on 70B), Code Llama (rope_theta 1e6) and the Llama-3/3.1
+architecture (rope_theta 500000, scaled RoPE). Module names are Meta's (llama/model.py), so Meta's
+state dicts load by key. Where this file differs from Meta's, and why:
+- RoPE rotates Meta's interleaved pairs (x[2i], x[2i+1]) with real cos/sin instead of complex
+  numbers (torch.compile cannot trace complex tensors), computed from the positions at every
+  forward: there are no rope buffers to materialise after building on `meta`, and none for
+  `model.to(bfloat16)` to round.
+- The KV cache is static (allocated once, written at each row's `start_pos`, attended through a
+  mask). Eager attention reads only the filled part rounded up to KV_BUCKET slots (shapes change
+  once per 32 steps); under torch.compile with a tensor position it reads the whole cache: one
+  graph, friendly to CUDA graphs.
 - No model-parallel layers: Meta's model-parallel shards are merged once, at load time.
 
     python llama.py --ckpt_dir path/to/llama-2-7b --prompt "Once upon a time"
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
-import glob
 import json
 import math
-import mmap
 import os
 import re
-import sys
-import time
 import warnings
-import zipfile
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class CheckpointError(ValueError):
-    """A checkpoint, params.json or tokenizer that cannot be used as given; the message names the file."""
+from tools.shards import (CheckpointError, check_shard_count, check_shards_match, find_shards,
+                          load_shard, release_pages)
 
 
 @dataclass
 class ModelArgs:
-    """The fields of Meta's params.json (plus the two sizes Meta passes to its Transformer separately)."""
+    """The fields of Meta's params.json (plus the two sizes Meta passes to its Transformer
+    separately)."""
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: int | None = None       # None: every query head has its own kv head; 70B and Llama-3 use 8 (GQA)
+    n_kv_heads: int | None = None       # None: one kv head per query head; 70B and Llama-3: 8 (GQA)
     vocab_size: int = -1                # -1 (LLaMA-2's params.json): take it from the checkpoint
     multiple_of: int = 256              # the FFN hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
@@ -58,78 +53,69 @@ class ModelArgs:
     max_seq_len: int = 2048             # prompt + generation never goes beyond this in generate()
 
 
-REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")   # in every Meta params.json; no default could be right
+# What a params.json value must be, by its ModelArgs annotation: what to write, and the test.
+# JSON's 8.0 is no integer (head counts index tensors), and true is no number.
+PARAM_KINDS = {"int": ("an integer", lambda v: type(v) is int),
+               "float": ("a number", lambda v: type(v) in (int, float)),
+               "bool": ("true or false", lambda v: type(v) is bool)}
+POSITIVE = ("dim", "n_layers", "n_heads", "multiple_of")   # the first three: no default is right
 
 
 def load_params(path: str, **overrides) -> ModelArgs:
     """Read Meta's params.json; unknown keys (newer releases add some) are warned about and ignored.
-    Keys of the wrong type, a missing dim/n_layers/n_heads, or sizes that cannot build a model are a
-    CheckpointError naming the file and the key. A UTF-8 BOM and CRLF line ends are fine."""
+    A missing dim/n_layers/n_heads, a value of the wrong type, or sizes that cannot build a model
+    are a CheckpointError naming the file and the key. A UTF-8 BOM and CRLF line ends are fine."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no params.json (Meta's layout is params.json + consolidated.NN.pth)")
-    with open(path, encoding="utf-8-sig") as f:   # -sig: a BOM (Windows editors add one) is not JSON
+        raise FileNotFoundError(f"{path}: no params.json (Meta's layout is params.json + "
+                                "consolidated.NN.pth)")
+    with open(path, encoding="utf-8-sig") as f:   # -sig: a BOM (Windows editors add one) isn't JSON
         try:
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         except UnicodeDecodeError as e:
-            raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") \
+                from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object {{\"dim\": ..., \"n_layers\": ...}}, "
-                              f"got a JSON {type(raw).__name__}")
-    if missing := [k for k in REQUIRED_PARAMS if k not in raw]:
+        raise CheckpointError(f"{path}: expected a JSON object {{\"dim\": ..., \"n_layers\": "
+                              f"...}}, got a JSON {type(raw).__name__}")
+    if missing := [k for k in POSITIVE[:3] if k not in raw]:
         raise CheckpointError(f"{path}: missing key {missing[0]!r} (Meta's params.json gives "
-                              f"{', '.join(REQUIRED_PARAMS)}): add it")
-    known = {f.name: f.type for f in fields(ModelArgs)}
+                              f"{', '.join(POSITIVE[:3])}): add it")
+    known = {f.name: f.type for f in fields(ModelArgs)}   # "int | None": annotations are strings
     if unknown := sorted(set(raw) - set(known)):
         warnings.warn(f"{path}: ignoring unknown keys {unknown}")
     for k, v in raw.items():
-        if k in known and (why := _param_type_error(known[k], v)):
-            raise CheckpointError(f"{path}: {k!r} is {json.dumps(v)}, {why}")
+        if k not in known or (v is None and "None" in known[k]):
+            continue
+        kind = known[k].split(" ")[0]
+        want, ok = PARAM_KINDS[kind]
+        if ok(v) and (k not in POSITIVE or v >= 1):
+            continue
+        if ok(v):
+            raise CheckpointError(f"{path}: {k!r} is {v}, expected a positive integer")
+        try:   # the fix, when the value is a number written the wrong way: 8.0 or "8" for 8, "1e-5"
+            x = None if type(v) is bool else float(v)
+        except (TypeError, ValueError):
+            x = None
+        fix = (f": write {int(x)}" if kind == "int" and x is not None and x.is_integer() else
+               f": write {json.dumps(x)}" if kind == "float" and x is not None else "")
+        raise CheckpointError(f"{path}: {k!r} is {json.dumps(v)}, expected {want}"
+                              f"{' or null' if 'None' in known[k] else ''}{fix}")
     args = ModelArgs(**{**{k: v for k, v in raw.items() if k in known}, **overrides})
-    check_params(args, path)
+    if args.dim % args.n_heads:
+        raise CheckpointError(f"{path}: 'dim' {args.dim} is not a multiple of 'n_heads' "
+                              f"{args.n_heads}")
+    if args.n_kv_heads is not None and (args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads):
+        raise CheckpointError(f"{path}: 'n_kv_heads' {args.n_kv_heads} does not divide 'n_heads' "
+                              f"{args.n_heads}")
     return args
 
 
-def _param_type_error(kind: str, v) -> str | None:
-    """Why value v does not fit a ModelArgs field annotated `kind` (a string: `from __future__ import
-    annotations`), or None. JSON's 8.0 is not an int (head counts index tensors); bool is never a number."""
-    if v is None and "None" in kind:
-        return None
-    if kind.startswith("int"):
-        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
-    elif kind.startswith("float"):
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
-    else:
-        ok, want = isinstance(v, bool), "true or false"
-    if ok:
-        return None
-    want += " or null" if "None" in kind else ""
-    try:   # the fix, when the value is a number written the wrong way: 8.0 or "8" for 8, "1e-5" for 1e-05
-        x = float(v) if not isinstance(v, bool) else None
-    except (TypeError, ValueError):
-        x = None
-    if x is not None and kind.startswith("int") and x.is_integer():
-        return f"expected {want}: write {int(x)}"
-    if x is not None and kind.startswith("float"):
-        return f"expected {want}: write {json.dumps(x)}"
-    return f"expected {want}"
-
-
-def check_params(args: ModelArgs, path: str) -> None:
-    """Sizes that can build a model: positive, heads dividing the width, kv heads dividing the heads."""
-    for k in ("dim", "n_layers", "n_heads", "multiple_of"):
-        if getattr(args, k) < 1:
-            raise CheckpointError(f"{path}: {k!r} is {getattr(args, k)}, expected a positive integer")
-    if args.dim % args.n_heads:
-        raise CheckpointError(f"{path}: 'dim' {args.dim} is not a multiple of 'n_heads' {args.n_heads}")
-    if args.n_kv_heads is not None and (args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads):
-        raise CheckpointError(f"{path}: 'n_kv_heads' {args.n_kv_heads} does not divide 'n_heads' {args.n_heads}")
-
-
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
-    """Meta's SwiGLU width: 2/3 of 4*dim (three matrices cost what a 4*dim two-matrix MLP costs), then
-    optionally scaled (70B: 1.3) and rounded up to multiple_of. 7B -> 11008, 13B -> 13824, 70B -> 28672."""
+    """Meta's SwiGLU width: 2/3 of 4*dim (three matrices cost what a 4*dim two-matrix MLP costs),
+    then optionally scaled (70B: 1.3) and rounded up to multiple_of. 7B -> 11008, 13B -> 13824, 70B
+    -> 28672."""
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
@@ -138,8 +124,9 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None 
 
 def apply_scaling(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: float = 1.0,
                   high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
-    """Llama-3.1 RoPE scaling: wavelengths longer than the old context are stretched by `factor`, those much
-    shorter are kept (local order still matters), and the band in between is blended linearly."""
+    """Llama-3.1 RoPE scaling: wavelengths longer than the old context are stretched by `factor`,
+    those much shorter are kept (local order still matters), and the band in between is blended
+    linearly."""
     wavelen = 2 * math.pi / freqs
     smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     blended = (1 - smooth) * freqs / factor + smooth * freqs
@@ -149,9 +136,10 @@ def apply_scaling(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: flo
 
 def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float = 10000.0,
                          use_scaled_rope: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real form of Meta's freqs_cis: cos and sin of position * theta^(-2i/head_dim), float32 [..., head_dim/2]
-    for positions of any shape ([T], or [B, T] when every row has its own positions)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim))
+    """Real form of Meta's freqs_cis: cos and sin of position * theta^(-2i/head_dim), float32 [...,
+    head_dim/2] for positions of any shape ([T], or [B, T] when every row has its own positions)."""
+    i2 = torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float()   # 2i
+    freqs = 1.0 / (theta ** (i2 / head_dim))
     if use_scaled_rope:
         freqs = apply_scaling(freqs)
     angles = positions.float()[..., None] * freqs
@@ -159,20 +147,24 @@ def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float = 
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by angle i of its position. x: [B, T, H, D],
-    cos/sin: [T, D/2] or [B, T, D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))          # float32 like Meta: bf16 angles would drift at long range
-    cos, sin = cos[..., None, :], sin[..., None, :]   # [(B,) T, 1, D/2]: broadcast over heads (and batch)
-    if torch.compiler.is_compiling():   # the rotation written out: inductor fuses it (it cannot fuse complex ops)
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by angle i of its position. x:
+    [B, T, H, D], cos/sin: [T, D/2] or [B, T, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))   # float32 like Meta: bf16 angles drift at long range
+    cos, sin = cos[..., None, :], sin[..., None, :]   # [(B,) T, 1, D/2]: broadcast over heads
+    if torch.compiler.is_compiling():   # written out: inductor fuses it (not complex ops)
         x0, x1 = xf[..., 0], xf[..., 1]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
-    # eager: the same rotation as one complex multiply, (x0 + i x1)(cos + i sin), as Meta writes it: one kernel
-    # instead of six strided ones (5x faster at head dim 8, 12% of a stories260K evaluation; tested equal)
-    return torch.view_as_real(torch.view_as_complex(xf) * torch.complex(cos, sin)).flatten(-2).type_as(x)
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2).type_as(x)
+    # eager: the same rotation as one complex multiply, (x0 + i x1)(cos + i sin), as Meta writes it:
+    # one kernel instead of six strided ones (5x faster at head dim 8, 12% of a stories260K
+    # evaluation; tested equal)
+    out = torch.view_as_real(torch.view_as_complex(xf) * torch.complex(cos, sin))
+    return out.flatten(-2).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, n_kv, S, D] -> [B, n_kv * n_rep, S, D]; query head h reads kv head h // n_rep, as in Meta's GQA."""
+    """[B, n_kv, S, D] -> [B, n_kv * n_rep, S, D]; query head h reads kv head h // n_rep, as in
+    Meta's GQA."""
     if n_rep == 1:
         return x
     B, H, S, D = x.shape
@@ -186,7 +178,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in float32 (bf16 loses too many digits over 4096 features), as one op
+        # x * rsqrt(mean(x^2) + eps) in float32 (bf16 loses digits over 4096 features), one op
         return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
@@ -199,21 +191,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        # [max_batch, n_kv_heads, max_seq, head_dim] once setup_cache() runs; not saved in state dicts
+        # [max_batch, n_kv_heads, max_seq, head_dim] once setup_cache() runs; not in state dicts
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
-        """input_pos [B, T]: each row's positions, written into the cache; attention then reads the first
-        mask.shape[-1] slots (the filled part, rounded up to a bucket), masked per row."""
+        """input_pos [B, T]: each row's positions, written into the cache; attention then reads the
+        first mask.shape[-1] slots (the filled part, rounded up to a bucket), masked per row."""
         B, T, _ = x.shape
         q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # SDPA wants [B, heads, T, D]
-        if input_pos is not None:   # decoding: store this step, then attend over the filled (masked) cache
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # SDPA: [B, heads, T, D]
+        if input_pos is not None:   # decoding: store this step, attend over the filled cache
             rows = torch.arange(B, device=x.device)[:, None]
-            self.cache_k[rows, :, input_pos] = k.transpose(1, 2).to(self.cache_k.dtype)   # [B, T, H, D] slots
+            # slots [B, T, heads, D]
+            self.cache_k[rows, :, input_pos] = k.transpose(1, 2).to(self.cache_k.dtype)
             self.cache_v[rows, :, input_pos] = v.transpose(1, 2).to(self.cache_v.dtype)
             k, v = self.cache_k[:B, :, :mask.shape[-1]], self.cache_v[:B, :, :mask.shape[-1]]
         n_rep = self.n_heads // self.n_kv_heads
@@ -247,14 +240,15 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-KV_BUCKET = 32   # attention reads the filled cache rounded up to a multiple of this (see _cache_positions)
+KV_BUCKET = 32   # attention reads the filled cache rounded up to a multiple of this
 
 
 @contextlib.contextmanager
 def no_init(device: str | torch.device = "meta") -> Iterator[None]:
-    """Build modules on `device` without running their parameter initialisers: weights that a checkpoint
-    overwrites next need no random numbers. On `meta` it also keeps torch._dynamo out of the load path
-    (nn.Embedding's normal_ on meta goes through torch._refs, which imports it: 1-3 s of a load)."""
+    """Build modules on `device` without running their parameter initialisers: weights that a
+    checkpoint overwrites next need no random numbers. On `meta` it also keeps torch._dynamo out of
+    the load path (nn.Embedding's normal_ on meta goes through torch._refs, which imports it: 1-3 s
+    of a load)."""
     saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
     for cls in saved:
         cls.reset_parameters = lambda self: None
@@ -270,18 +264,20 @@ class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
         if params.vocab_size <= 0:
-            raise ValueError("vocab_size must be set (from_checkpoint resolves params.json's -1 from the weights)")
+            raise ValueError("vocab_size must be set (from_checkpoint resolves params.json's -1 "
+                             "from the weights)")
         self.params = params
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        self.cache_size: tuple[int, int] | None = None   # (max_batch_size, max_seq_len) of the KV cache
+        self.cache_size: tuple[int, int] | None = None   # KV cache's (max_batch_size, max_seq_len)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate a zeroed KV cache (model dtype and device) for forward(tokens, start_pos=...)."""
+        """Allocate a zeroed KV cache (model dtype and device) for forward(tokens,
+        start_pos=...)."""
         w = self.tok_embeddings.weight
-        for m in self.modules():   # modules(), not self.layers[i].attention: blocks may be wrapped by train.py
+        for m in self.modules():   # not self.layers[i].attention: train.py may wrap the blocks
             if isinstance(m, Attention):
                 shape = (max_batch_size, m.n_kv_heads, max_seq_len, m.head_dim)
                 m.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)
@@ -297,16 +293,16 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """float32 logits [B, T, vocab] ([B, 1, vocab] with last_only: a prefill needs only the next token's).
-        start_pos None: causal forward over `tokens` alone, no cache. start_pos k (an int, a 0-d tensor, or a
-        [B] tensor giving every row its own position): row b's tokens sit at positions k[b].. and attend to
-        the cache of its earlier steps."""
+        """float32 logits [B, T, vocab] ([B, 1, vocab] with last_only: a prefill needs only the next
+        token's). start_pos None: causal forward over `tokens` alone, no cache. start_pos k (an int,
+        a 0-d tensor, or a [B] tensor giving every row its own position): row b's tokens sit at
+        positions k[b].. and attend to the cache of its earlier steps."""
         B, T = tokens.shape
         pos, mask = torch.arange(T, device=tokens.device)[None], None   # [1 or B, T]
         if start_pos is not None:
             pos, mask = self._cache_positions(B, T, start_pos, tokens.device)
-        cos, sin = precompute_freqs_cis(self.params.dim // self.params.n_heads, pos, self.params.rope_theta,
-                                        self.params.use_scaled_rope)
+        p = self.params
+        cos, sin = precompute_freqs_cis(p.dim // p.n_heads, pos, p.rope_theta, p.use_scaled_rope)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, None if start_pos is None else pos.expand(B, T), mask)
@@ -314,23 +310,28 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
-    def _cache_positions(self, B: int, T: int, start_pos, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [B, T] and the attention mask [B, 1, T, S] over the first S cache slots: the filled part
-        rounded up to KV_BUCKET (attention cost follows the filled length, while shapes change only once per
-        bucket, so a compiled step has one graph per bucket). Under torch.compile or CUDA-graph capture a tensor
-        start_pos is not read on the host: S is the whole cache (one graph for every step, as a static cache
-        intends)."""
+    def _cache_positions(self, B: int, T: int, start_pos,
+                         device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [B, T] and the attention mask [B, 1, T, S] over the first S cache slots: the
+        filled part rounded up to KV_BUCKET (attention cost follows the filled length, while shapes
+        change only once per bucket, so a compiled step has one graph per bucket). Under
+        torch.compile or CUDA-graph capture a tensor start_pos is not read on the host: S is the
+        whole cache (one graph for every step, as a static cache intends)."""
         if self.cache_size is None:
-            raise RuntimeError("forward(tokens, start_pos) needs a KV cache: call setup_cache() first")
+            raise RuntimeError("forward(tokens, start_pos) needs a KV cache: call setup_cache() "
+                               "first")
         start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)   # [1, 1] or [B, 1]
-        traced = torch.compiler.is_compiling() or (start.is_cuda and torch.cuda.is_current_stream_capturing())
-        if traced and isinstance(start_pos, torch.Tensor):   # no host read while compiling or capturing a CUDA graph
+        # no host read while compiling or capturing a CUDA graph
+        traced = torch.compiler.is_compiling() or (start.is_cuda and
+                                                   torch.cuda.is_current_stream_capturing())
+        if traced and isinstance(start_pos, torch.Tensor):
             end = self.cache_size[1]
         else:
-            end = int(start_pos) if isinstance(start_pos, int) else int(start.max()) if start.numel() else 0
+            end = (int(start_pos) if isinstance(start_pos, int) else
+                   int(start.max()) if start.numel() else 0)
             if B > self.cache_size[0] or end + T > self.cache_size[1] or int(start.min()) < 0:
-                raise ValueError(f"batch {B} at positions {end}..{end + T - 1} does not fit the KV cache of "
-                                 f"size {self.cache_size}")
+                raise ValueError(f"batch {B} at positions {end}..{end + T - 1} does not fit the KV "
+                                 f"cache of size {self.cache_size}")
             end = min(self.cache_size[1], -(-(end + T) // KV_BUCKET) * KV_BUCKET)
         pos = start + torch.arange(T, device=device)
         # causal per row: slots after a row's current position hold stale or zero values
@@ -338,17 +339,18 @@ class Transformer(nn.Module):
         return pos, mask[:, None]
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        max_seq_len: int = 2048, max_batch_size: int = 32) -> Transformer:
+    def from_checkpoint(cls, ckpt_dir: str, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, max_seq_len: int = 2048,
+                        max_batch_size: int = 32) -> Transformer:
         """Load Meta's params.json + consolidated.NN.pth (merging model-parallel shards); eval mode.
 
-        Peak host memory is about one copy of the weights in `dtype`: the model is built on `meta`, shards are
-        memory-mapped, and each tensor is merged and converted on its own before load_state_dict(assign=True).
-        One shard loaded on the CPU in its stored dtype is not copied at all: the weights are the file's pages
-        (read on first use, shared with the page cache), so do not rewrite the .pth in place while it is in use.
-        A sentencepiece tokenizer.model inside ckpt_dir is checked against the vocabulary (CheckpointError
-        if they differ); one elsewhere (LLaMA-2 downloads keep it in the parent dir) is checked by the CLI.
-        """
+        Peak host memory is about one copy of the weights in `dtype`: the model is built on `meta`,
+        shards are memory-mapped, and each tensor is merged and converted on its own before
+        load_state_dict(assign=True). One shard loaded on the CPU in its stored dtype is not copied
+        at all: the weights are the file's pages (read on first use, shared with the page cache), so
+        do not rewrite the .pth in place while it is in use. A sentencepiece tokenizer.model inside
+        ckpt_dir is checked against the vocabulary (CheckpointError if they differ); one elsewhere
+        (LLaMA-2 downloads keep it in the parent dir) is checked by the CLI. """
         params = load_params(os.path.join(ckpt_dir, "params.json"), max_seq_len=max_seq_len,
                              max_batch_size=max_batch_size)
         paths = find_shards(ckpt_dir)
@@ -358,26 +360,30 @@ class Transformer(nn.Module):
         check_shards_match(paths, shards)
         if "tok_embeddings.weight" not in shards[0]:
             raise CheckpointError(f"{paths[0]}: missing key 'tok_embeddings.weight'")
-        if params.vocab_size <= 0:   # rows of the embedding, times the shards when Llama-3 split the vocabulary
+        if params.vocab_size <= 0:   # embedding rows, times the shards if Llama-3 split the vocab
             rows, cols = shards[0]["tok_embeddings.weight"].shape
             params.vocab_size = rows * (len(shards) if cols == params.dim else 1)
         tok_path = os.path.join(ckpt_dir, "tokenizer.model")
-        if os.path.isfile(tok_path) and not is_tiktoken(tok_path):   # Llama-3: model loads, tokenizer out of scope
+        # a Llama-3 tokenizer is out of scope, but its model loads
+        if os.path.isfile(tok_path) and not is_tiktoken(tok_path):
             check_tokenizer(tok_path, params.vocab_size)
         with no_init():   # shapes only: init costs no memory and no time
             model = cls(params)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if missing := [k for k in expected if k not in shards[0]]:
-            raise CheckpointError(f"{paths[0]}: missing keys {missing[:5]} (model built from params.json)")
+            raise CheckpointError(f"{paths[0]}: missing keys {missing[:5]} (model built from "
+                                  "params.json)")
         if unexpected := [k for k in shards[0] if k not in expected]:
-            raise CheckpointError(f"{paths[0]}: unexpected keys {unexpected[:5]} (model built from params.json)")
+            raise CheckpointError(f"{paths[0]}: unexpected keys {unexpected[:5]} (model built from "
+                                  "params.json)")
         check_shard_count(paths, shards[0], expected)
         state = {}
         for k, shape in expected.items():
             parts = [sd[k] for sd in shards]
-            # On the CPU in the file's own dtype, .to() is a no-op: the parameter stays in the memory-mapped file
-            # (a private mapping: pages are read on first use and a write copies the page, never reaching the
-            # file). Anything converted, merged or moved is a copy, and the file pages it was read from go.
+            # On the CPU in the file's own dtype, .to() is a no-op: the parameter stays in the
+            # memory-mapped file (a private mapping: pages are read on first use and a write copies
+            # the page, never reaching the file). Anything converted, merged or moved is a copy, and
+            # the file pages it was read from go.
             state[k] = merge_shards(k, parts, shape, paths).to(device, dtype)
             for t in parts:
                 if t is not state[k]:
@@ -386,108 +392,50 @@ class Transformer(nn.Module):
         return model.eval()
 
 
-COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")   # fairscale ColumnParallelLinear: output rows split
-ROW_PARALLEL = ("wo", "w2")                                  # RowParallelLinear: input columns split
+# fairscale's ColumnParallelLinear splits the output rows, RowParallelLinear the input columns
+COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")
+ROW_PARALLEL = ("wo", "w2")
 
 
-def find_shards(ckpt_dir: str) -> list[str]:
-    """consolidated.00.pth, consolidated.01.pth, ... : one per model-parallel rank, no gaps."""
-    paths = sorted(glob.glob(os.path.join(glob.escape(ckpt_dir), "consolidated.*.pth")))  # "[chat]" is a name
-    if not paths:
-        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
-    for i, p in enumerate(paths):
-        if os.path.basename(p) != f"consolidated.{i:02d}.pth":
-            raise CheckpointError(f"{ckpt_dir}: consolidated.{i:02d}.pth is missing (found "
-                                  f"{[os.path.basename(q) for q in paths]}); shards must be numbered 00, 01, ...")
-    return paths
-
-
-def load_shard(path: str) -> dict[str, torch.Tensor]:
-    """Memory-mapped: tensors are read from disk only when merged and converted, one at a time."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:   # torch raises several types (RuntimeError, UnpicklingError, ...) for a bad file
-        raise CheckpointError(f"{path}: cannot be loaded as a torch checkpoint ({type(e).__name__}: {e})") from None
-
-
-def check_shards_match(paths: list[str], shards: list[dict]) -> None:
-    """Shards of one checkpoint share keys and shapes, and replicate the 1-D norms bit for bit."""
-    for path, sd in zip(paths[1:], shards[1:]):
-        if diff := sorted(set(sd) ^ set(shards[0])):
-            raise CheckpointError(f"{path} and {paths[0]} hold different keys (e.g. {diff[:3]}): "
-                                  "shards from different checkpoints?")
-        for k, a in shards[0].items():
-            b = sd[k]
-            if a.shape != b.shape or (a.dim() == 1 and not torch.equal(a, b)):
-                raise CheckpointError(f"{path}: {k!r} ({tuple(b.shape)}) does not match {paths[0]} "
-                                      f"({tuple(a.shape)}): shards from different checkpoints?")
-
-
-def check_shard_count(paths: list[str], shard: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
-    """A shard missing from the end (consolidated.01.pth of two) leaves no gap in the numbering; the shapes
-    tell: the replicated norm is whole while a column-parallel matrix (wq: dim rows in all) is split n ways."""
-    key = "layers.0.attention.wq.weight"
-    if key not in expected or shard["norm.weight"].shape != expected["norm.weight"]:
-        return   # no layers, or params.json's dim is not the weights' (merge_shards names the key and shapes)
-    rows, want = shard[key].shape[0], expected[key][0]
-    if rows * len(paths) < want and want % rows == 0:
-        n = want // rows
-        ckpt_dir = os.path.dirname(paths[0])
-        raise CheckpointError(f"{ckpt_dir}: {', '.join(f'consolidated.{i:02d}.pth' for i in range(len(paths), n))} "
-                              f"missing: the weights are split in {n} shards ({os.path.basename(paths[0])} holds "
-                              f"{rows} of the {want} rows of {key!r} that params.json implies); copy every shard")
-
-
-def merge_shards(key: str, parts: list[torch.Tensor], shape: torch.Size, paths: list[str]) -> torch.Tensor:
-    """One full tensor from Meta's model-parallel pieces, checked against the shape params.json implies."""
+def merge_shards(key: str, parts: list[torch.Tensor], shape: torch.Size,
+                 paths: list[str]) -> torch.Tensor:
+    """One full tensor from Meta's model-parallel pieces, checked against the shape params.json
+    implies."""
     if len(parts) == 1 or parts[0].dim() == 1:
         t = parts[0]   # single file, or a replicated norm
     else:
         name = key.split(".")[-2]
         if name in COLUMN_PARALLEL or name in ROW_PARALLEL:
             t = torch.cat(parts, dim=0 if name in COLUMN_PARALLEL else 1)
-        else:   # tok_embeddings: Llama-3 splits the vocabulary (dim 0), LLaMA-1/2 the features (dim 1)
+        else:   # tok_embeddings: Llama-3 splits the vocabulary (dim 0), LLaMA-1/2 the features
             t = torch.cat(parts, dim=0 if parts[0].shape[1] == shape[1] else 1)
     if t.shape != shape:
-        where = paths[0] if len(paths) == 1 else f"{len(paths)} merged shards in {os.path.dirname(paths[0])}"
-        raise CheckpointError(f"{where}: {key!r} has shape {tuple(t.shape)} but params.json implies {tuple(shape)}")
+        where = (paths[0] if len(paths) == 1 else
+                 f"{len(paths)} merged shards in {os.path.dirname(paths[0])}")
+        raise CheckpointError(f"{where}: {key!r} has shape {tuple(t.shape)} but params.json "
+                              f"implies {tuple(shape)}")
     return t
 
 
-_madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
-MADV_DONTNEED = 4  # Linux
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Drop the resident pages of a memory-mapped tensor that has been copied out (Linux; elsewhere a no-op).
-
-    The pages are clean, private file pages, so the kernel just forgets them (a later read would fault them
-    back in from the file). Without this every page read while loading stays resident until the load
-    returns, and peak memory is the checkpoint plus its copy instead of about one copy.
-    """
-    if _madvise is None or t.numel() == 0:
-        return
-    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_DONTNEED))
-
-
 def is_tiktoken(path: str) -> bool:
-    """Llama-3's tokenizer.model is tiktoken text ('<base64 token> <rank>' lines), not a sentencepiece proto."""
+    """Llama-3's tokenizer.model is tiktoken text ('<base64 token> <rank>' lines), not a
+    sentencepiece proto."""
     with open(path, "rb") as f:
         first = f.readline(1000)
     return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\s*", first) is not None
 
 
 class Tokenizer:
-    """SentencePiece tokenizer of LLaMA-1/2 and Code Llama (Llama-3's tiktoken tokenizer is out of scope)."""
+    """SentencePiece tokenizer of LLaMA-1/2 and Code Llama (Llama-3's tiktoken tokenizer is out of
+    scope)."""
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"{model_path}: no tokenizer file")
         if is_tiktoken(model_path):   # check first: sentencepiece half-parses these files
-            raise CheckpointError(f"{model_path} is a Llama-3 (tiktoken) tokenizer: Llama-3 tokenizers are out "
-                                  "of scope here; only sentencepiece tokenizer.model files (LLaMA-1/2, Code Llama)")
+            raise CheckpointError(f"{model_path} is a Llama-3 (tiktoken) tokenizer: Llama-3 "
+                                  "tokenizers are out of scope here; only sentencepiece "
+                                  "tokenizer.model files (LLaMA-1/2, Code Llama)")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as e:
@@ -503,48 +451,36 @@ class Tokenizer:
 
 
 def check_tokenizer(path: str, vocab_size: int) -> None:
-    """Token ids index the embedding rows: the tokenizer and the model must agree on the vocabulary size."""
+    """Token ids index the embedding rows: the tokenizer and the model must agree on the vocabulary
+    size."""
     if (n := Tokenizer(path).n_words) != vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {n} tokens but the model's vocabulary is {vocab_size}")
+        raise CheckpointError(f"{path}: tokenizer has {n} tokens but the model's vocabulary is "
+                              f"{vocab_size}")
 
 
 def tokenizer_path(ckpt_dir: str, path: str | None = None) -> str:
-    """`path`, else tokenizer.model in ckpt_dir, else in its parent (where LLaMA-2 downloads keep it)."""
+    """`path`, else tokenizer.model in ckpt_dir, else in its parent (where LLaMA-2 downloads keep
+    it)."""
     candidates = [os.path.join(ckpt_dir, "tokenizer.model"),
                   os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")]
     return path or next((p for p in candidates if os.path.isfile(p)), candidates[0])
 
 
 def load_tokenizer(ckpt_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
-    """The tokenizer of a Meta checkpoint (see tokenizer_path), checked against the model's vocabulary."""
+    """The tokenizer of a Meta checkpoint (see tokenizer_path), checked against the model's
+    vocabulary."""
     path = tokenizer_path(ckpt_dir, path)
     check_tokenizer(path, vocab_size)
     return Tokenizer(path)
 
 
-def under_torchrun() -> bool:
-    """The one rule for "launched by torchrun" (train.py, evaluate.py): it sets RANK and WORLD_SIZE, even for one
-    process."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def setup_distributed(cuda: bool) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: a process group (NCCL on CUDA, gloo on CPU) and, on CUDA, the
-    GPU of this process's LOCAL_RANK, as Meta's Llama.build does. Alone: rank 0 of 1."""
-    import torch.distributed as dist
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if under_torchrun() and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device
-
-
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus sampling: keep the most likely tokens until their mass reaches p (the one crossing p included)."""
+    """Nucleus sampling: keep the most likely tokens until their mass reaches p (the one crossing p
+    included)."""
     sorted_probs, idx = probs.sort(dim=-1, descending=True)
     sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > p] = 0.0
-    return idx.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)   # multinomial renormalises
+    # multinomial renormalises
+    return idx.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -555,23 +491,23 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 0.9, eos_id: int | None = None,
+def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 0.9, eos_id: int | None = None,
              stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """New tokens for each prompt: greedy when temperature is 0, else temperature + top-p sampling.
 
-    A row ends at eos_id (not returned), after max_new_tokens, when stop(new_tokens) is true (the token that
-    made it true is returned), or at the model's max_seq_len. One prefill fills the KV cache and gives the
-    first token's logits (only those: last_only); then each step feeds every row one token at the row's own
-    position (a [B] start_pos), so prompts of different lengths decode together (prompts of different lengths
-    are prefilled without their last token, which the first step feeds). Reuses the KV cache if it is large
-    enough, else sets one up.
-    """
+    A row ends at eos_id (not returned), after max_new_tokens, when stop(new_tokens) is true (the
+    token that made it true is returned), or at the model's max_seq_len. One prefill fills the KV
+    cache and gives the first token's logits (only those: last_only); then each step feeds every row
+    one token at the row's own position (a [B] start_pos), so prompts of different lengths decode
+    together (prompts of different lengths are prefilled without their last token, which the first
+    step feeds). Reuses the KV cache if it is large enough, else sets one up. """
     B, lens = len(prompt_tokens), [len(p) for p in prompt_tokens]
     max_len = model.params.max_seq_len
     if B > model.params.max_batch_size or min(lens) < 1 or max(lens) > max_len:
-        raise ValueError(f"{B} prompts of lengths {min(lens)}..{max(lens)}: need 1..{model.params.max_batch_size} "
-                         f"non-empty prompts of at most max_seq_len={max_len} tokens")
+        raise ValueError(f"{B} prompts of lengths {min(lens)}..{max(lens)}: need "
+                         f"1..{model.params.max_batch_size} non-empty prompts of at most "
+                         f"max_seq_len={max_len} tokens")
     total = min(max_len, max(lens) + max_new_tokens)
     if model.cache_size is None or model.cache_size[0] < B or model.cache_size[1] < total:
         model.setup_cache(B, total)
@@ -581,13 +517,16 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
     model.eval()   # adapters may carry dropout
     try:
         if len(set(lens)) == 1:   # one prefill of the whole prompts gives the first token's logits
-            logits = model(torch.tensor(prompt_tokens, device=device), start_pos=0, last_only=True)[:, -1]
-        else:   # padded: shorter rows' stale slots stay masked; their last prompt token goes at its own position
+            tokens = torch.tensor(prompt_tokens, device=device)
+            logits = model(tokens, start_pos=0, last_only=True)[:, -1]
+        else:   # padded: shorter rows' stale slots stay masked; each last prompt token goes at its
+            # own position
             if max(lens) > 1:
-                model(torch.tensor([p[:-1] + [0] * (max(lens) - n) for p, n in zip(prompt_tokens, lens)],
-                                   device=device), start_pos=0, last_only=True)
+                padded = [p[:-1] + [0] * (max(lens) - n) for p, n in zip(prompt_tokens, lens)]
+                model(torch.tensor(padded, device=device), start_pos=0, last_only=True)
             last = torch.tensor([[p[-1]] for p in prompt_tokens], device=device)
-            logits = model(last, start_pos=torch.tensor(lens, device=device) - 1, last_only=True)[:, -1]
+            start = torch.tensor(lens, device=device) - 1
+            logits = model(last, start_pos=start, last_only=True)[:, -1]
         pos = torch.tensor(lens, device=device)
         while not all(done):
             tok = next_token(logits, temperature, top_p)
@@ -596,232 +535,19 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_new_tokens:
                     continue
                 if t != eos_id:
                     out[i].append(t)
-                done[i] = (t == eos_id or len(out[i]) >= max_new_tokens or lens[i] + len(out[i]) >= max_len
+                done[i] = (t == eos_id or len(out[i]) >= max_new_tokens
+                           or lens[i] + len(out[i]) >= max_len
                            or (stop is not None and stop(out[i])))
             if not all(done):
                 logits = model(tok[:, None], start_pos=pos, last_only=True)[:, -1]
-                pos = (pos + 1).clamp(max=total - 1)   # finished rows keep writing their last slot, never read
+                # finished rows keep writing their last slot, never read
+                pos = (pos + 1).clamp(max=total - 1)
     finally:
         model.train(was_training)
     return out
 
 
-# ----------------------------------------------------------------------------- command line: adapters and chat
-# The model above knows nothing about adapters. The command line loads train.py's adapter through mor.py and
-# talks in data.py's chat template; both are imported inside these functions only, so `import llama` (and
-# everything that imports it) never imports them.
-
-def adapter_file(path: str) -> str:
-    """--adapter as given: an adapter file, or a folder holding adapter.pth (train.py's out_dir, or one of its
-    ckpt_<step> checkpoints)."""
-    if not os.path.isdir(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no adapter file or run folder there")
-        return path
-    if os.path.isfile(file := os.path.join(path, "adapter.pth")):
-        return file
-    hint = "train.py writes it when a run ends"
-    if os.path.isfile(latest := os.path.join(path, "latest")):
-        with open(latest, encoding="utf-8-sig") as f:
-            ckpt = os.path.join(path, f.read().strip(), "adapter.pth")
-        hint = f"the run has not finished; its latest checkpoint's is {ckpt}"
-    raise FileNotFoundError(f"{path}: no adapter.pth in this folder ({hint})")
-
-
-def _linear_shapes(sd: dict[str, torch.Tensor], full: bool) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each nn.Linear a saved adapter was trained on: from lora_A (.., r, in) and
-    lora_B (.., out, r), the factors of every method; for full fine-tuning from the 2-D weights themselves."""
-    shapes: dict[str, list[int]] = {}
-    for k, t in sd.items():
-        linear, _, name = k.rpartition(".")
-        if full and name == "weight" and t.dim() == 2 and linear != "tok_embeddings":
-            shapes[linear] = [t.shape[1], t.shape[0]]
-        elif not full and name in ("lora_A", "lora_B") and t.dim() >= 2:
-            shapes.setdefault(linear, [0, 0])[name == "lora_B"] = t.shape[-1 if name == "lora_A" else -2]
-    return {k: tuple(v) for k, v in shapes.items()}
-
-
-def _describe(shapes: dict[str, tuple[int, int]]) -> str:
-    """"dim 64 / 4 layers": the width (what wq/wk/wv/w1/w3/output read, wo/w2 write) and the layer count."""
-    dims = {io[name in ("wo", "w2")] for n, io in shapes.items() if (name := n.rpartition(".")[2])
-            in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")}
-    layers = {int(m.group(1)) for n in shapes if (m := re.match(r"layers\.(\d+)\.", n))}
-    return f"dim {'/'.join(map(str, sorted(dims))) or '?'} / {max(layers) + 1 if layers else 0} layers"
-
-
-def check_adapter(model: Transformer, path: str) -> None:
-    """The adapter file is train.py's (mor.save_adapter's {"config", "state_dict"}) and was trained on a base
-    of this model's shapes; else a CheckpointError naming the file. Reads the file memory-mapped (cheap)."""
-    if not zipfile.is_zipfile(path):   # what torch.save writes
-        raise CheckpointError(f"{path}: not an adapter file (not a torch.save archive: truncated, garbage, or "
-                              "another format); give train.py's adapter.pth or its run folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:   # a damaged archive: torch raises several types
-        raise CheckpointError(f"{path}: not an adapter file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                              "give train.py's adapter.pth or its run folder") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "method" in ckpt["config"]
-            and isinstance(ckpt.get("state_dict"), dict)):
-        raise CheckpointError(f"{path}: not an adapter file (expected train.py's {{'config', 'state_dict'}})")
-    config, sd = ckpt["config"], ckpt["state_dict"]
-    full = config["method"] == "full"
-    here = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if not full:   # the linears the adapter's targets name (mor.add_adapters' rule: a name or dotted suffix)
-        targets = config.get("targets", ())
-        here = {n: io for n, io in here.items() if any(n == t or n.endswith("." + t) for t in targets)}
-    trained = _linear_shapes(sd, full)
-    if differ := [n for n in sorted(set(here) | set(trained)) if here.get(n) != trained.get(n)]:
-        a = _describe(trained)
-        b = f"dim {model.params.dim} / {model.params.n_layers} layers"
-        if a == b:   # same width and depth: name the first linear that differs
-            a, b = (f"{differ[0]} of (in, out) features {trained.get(differ[0], '(none)')}",
-                    f"{here.get(differ[0], '(none)')}")
-        raise CheckpointError(f"{path}: trained on {a}, this base is {b}: give the --ckpt_dir it was trained on")
-
-
-def apply_adapter(model: Transformer, path: str) -> dict:
-    """Load train.py's adapter (a file, or a run or checkpoint folder holding adapter.pth) into the model with
-    mor.load_adapter, after check_adapter; eval mode. Returns the adapter's config."""
-    import mor
-    path = adapter_file(path)
-    check_adapter(model, path)
-    try:
-        config = mor.load_adapter(model, path)
-    except (ValueError, TypeError, RuntimeError) as e:   # a config this mor.py does not know, keys that differ
-        msg = " ".join(str(e).split())
-        raise CheckpointError(msg if msg.startswith(path) else f"{path}: {msg[:300]}") from None
-    model.eval()   # new adapter modules start in training mode (dropout)
-    return config
-
-
-@torch.inference_mode()
-def stream(model: Transformer, tokens: list[int], start_pos: int, max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 0.9, eos_id: int | None = None) -> Iterator[int]:
-    """One sequence (batch 1): feed `tokens` at positions start_pos.. (the KV cache holds the earlier ones),
-    then yield new tokens one at a time, each fed back through the cache. Ends at eos_id (not yielded), after
-    max_new_tokens, or at the end of the cache. Every yielded token but the last has been fed."""
-    device = model.tok_embeddings.weight.device
-    for _ in range(max_new_tokens):
-        if start_pos + len(tokens) > model.cache_size[1]:
-            return
-        logits = model(torch.tensor([tokens], device=device), start_pos=start_pos, last_only=True)[0, -1]
-        start_pos += len(tokens)
-        t = int(next_token(logits, temperature, top_p))
-        if t == eos_id:
-            return
-        yield t
-        tokens = [t]
-
-
-def print_stream(tokenizer: Tokenizer, new: Iterator[int], before: list[int] = (), out=None) -> list[int]:
-    """Print tokens as they come (decoded together with `before`: a lone piece would lose its leading space;
-    a character split across byte tokens waits for its last byte). Returns the tokens."""
-    out = out or sys.stdout
-    got, shown = [], tokenizer.decode(list(before))
-    for t in new:
-        got.append(t)
-        text = tokenizer.decode(list(before) + got)
-        if not text.endswith("\ufffd") and text.startswith(shown):
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-    out.write(tokenizer.decode(list(before) + got)[len(shown):] + "\n")
-    out.flush()
-    return got
-
-
-def chat(model: Transformer, tokenizer: Tokenizer, lines: Iterable[str], system: str | None = None,
-         max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9, out=None) -> list[int]:
-    """One user turn per line of `lines` (blank lines skipped), each answered in the Tulu template train.py
-    trains with (data.chat_prompt); the conversation stays in the KV cache and only new tokens are fed.
-    Tokens follow data.encode_segments: [BOS] template-and-question, the reply, EOS (a token, not text).
-    Returns the tokens of the (last) conversation."""
-    import data
-    out = out or sys.stdout
-    max_len = model.params.max_seq_len
-    model.setup_cache(1, max_len)
-    history, cached = [], 0   # every token of the conversation; how many of them the cache holds
-    for line in lines:
-        if not line.strip():
-            continue
-        turn = tokenizer.encode(data.chat_prompt(line, None if history else system), bos=not history, eos=False)
-        if len(history) + len(turn) + 1 > max_len:   # the conversation no longer fits: start a new one
-            print(f"[the conversation reached max_seq_len={max_len} tokens: starting a new one]", file=sys.stderr)
-            history, cached = [], 0
-            turn = tokenizer.encode(data.chat_prompt(line, system), bos=True, eos=False)
-            if len(turn) + 1 > max_len:
-                print(f"[this turn alone is {len(turn)} tokens, more than max_seq_len={max_len}: skipped]",
-                      file=sys.stderr)
-                continue
-        history += turn
-        reply = print_stream(tokenizer, stream(model, history[cached:], cached, max_new_tokens, temperature, top_p,
-                                               tokenizer.eos_id), out=out)
-        cached = len(history) + max(len(reply) - 1, 0)   # the last reply token was sampled, maybe not fed
-        history += reply + [tokenizer.eos_id]             # each reply ends with EOS, as in training
-    model.clear_cache()
-    return history
-
-
-def stdin_turns() -> Iterator[str]:
-    """Lines of stdin until EOF, or none if there is no stdin (`<&-`); at a terminal each is asked for with "> " on
-    stderr (stdout holds replies only). Bytes that are not UTF-8 become U+FFFD: one bad byte ends no conversation."""
-    while sys.stdin is not None:
-        if sys.stdin.isatty():
-            print("> ", end="", file=sys.stderr, flush=True)
-        if not (line := getattr(sys.stdin, "buffer", sys.stdin).readline()):
-            return
-        yield line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Complete a prompt, or chat, with a LLaMA checkpoint in Meta's layout "
-                                             "(and a train.py adapter).")
-    ap.add_argument("--ckpt_dir", required=True, help="folder with params.json and consolidated.NN.pth")
-    ap.add_argument("--prompt", help="text to complete (with --chat: one user turn, then exit)")
-    ap.add_argument("--chat", action="store_true", help="Tulu chat template (as train.py trains); without "
-                    "--prompt one user turn per line of stdin, until EOF (Ctrl-D)")
-    ap.add_argument("--system", help="--chat: a system message before the first turn")
-    ap.add_argument("--adapter", help="train.py's adapter.pth, or its run folder (out_dir)")
-    ap.add_argument("--tokenizer", help="default: tokenizer.model in ckpt_dir, else in its parent (LLaMA-2 layout)")
-    ap.add_argument("--max_new_tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top_p", type=float, default=0.9)
-    ap.add_argument("--max_seq_len", type=int, default=2048)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 on cuda, else float32")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.prompt is None and not args.chat:
-        ap.error("give --prompt TEXT, or --chat (prompts from stdin)")
-    from tools import checks   # the command line's checks; the model code needs nothing beyond this file
-    try:
-        checks.check_ranges(vars(args), checks.LLAMA)
-        checks.check_device(args.device)
-    except checks.FlagError as e:
-        sys.exit(f"error: {e}")
-    torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
-    t0 = time.time()
-    try:   # bad files: one line naming the file and the problem, not a traceback
-        model = Transformer.from_checkpoint(args.ckpt_dir, args.device, dtype, args.max_seq_len, max_batch_size=1)
-        if args.adapter:
-            apply_adapter(model, args.adapter)
-        tokenizer = load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
-    except (CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    print(f"[loaded in {time.time() - t0:.1f} s]", file=sys.stderr)
-    if args.chat:
-        lines = [args.prompt] if args.prompt is not None else stdin_turns()
-        chat(model, tokenizer, lines, args.system, args.max_new_tokens, args.temperature, args.top_p)
-        return
-    prompt = tokenizer.encode(args.prompt)[-args.max_seq_len:]
-    model.setup_cache(1, args.max_seq_len)
-    sys.stdout.write(tokenizer.decode(prompt))
-    sys.stdout.flush()
-    print_stream(tokenizer, stream(model, prompt, 0, args.max_new_tokens, args.temperature, args.top_p,
-                                   tokenizer.eos_id), before=prompt)
-
-
 if __name__ == "__main__":
-    main()
+    # the command line joins the model to mor.py and data.py, which the model itself never needs
+    from tools import chat
+    chat.main()

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 import data
 import mor
 from tools import checks
-from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, setup_distributed, \
-    tokenizer_path, under_torchrun
+from tools.dist import setup_distributed, under_torchrun
+from llama import CheckpointError, Tokenizer, Transformer, check_tokenizer, no_init, tokenizer_path
 from tools import run_dir as folder
 from tools.run_dir import checkpoints, find_checkpoint, older_checkpoint, read_state, run_dir, write_checkpoint
 

@@ -11,6 +11,7 @@ import torch
 import llama
 import mor
 from conftest import ROOT, STORIES
+from tools import chat
 
 SYSTEM, TURNS = "Be brief.", ["hello there", "and again?"]
 
@@ -26,7 +27,7 @@ def adapted(ckpt_dir: str, method: str, run_dir: str, seed: int = 0, **hyper) ->
             p.add_(0.5 * torch.randn_like(p))
     mor.save_adapter(model, os.path.join(run_dir, "adapter.pth"))
     loaded = llama.Transformer.from_checkpoint(ckpt_dir, max_seq_len=256)
-    llama.apply_adapter(loaded, run_dir)
+    chat.apply_adapter(loaded, run_dir)
     x = torch.tensor([[1, 5, 9, 14, 20]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)   # the file holds the adapter
@@ -70,7 +71,7 @@ def check_chat(model, tok, max_new_tokens: int) -> str:
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     out = Chunks()
     try:
-        history = llama.chat(model, tok, [t + "\n" for t in TURNS], SYSTEM, max_new_tokens, out=out)
+        history = chat.chat(model, tok, [t + "\n" for t in TURNS], SYSTEM, max_new_tokens, out=out)
     finally:
         hook.remove()
     # the template, written out by hand (data.py's Tulu template): BOS, turn, reply, EOS token, turn, reply, EOS
@@ -106,23 +107,23 @@ def test_cli_chat_with_piped_stdin_and_prompt(tiny_ckpt, tmp_path, capsys):
     out, threads = io.StringIO(), torch.get_num_threads()   # the same conversation's replies in this process
     torch.set_num_threads(1)   # with the subprocess's one thread: the same kernels, so the same greedy tokens
     try:
-        llama.chat(model, tok, TURNS, SYSTEM, 8, out=out)
+        chat.chat(model, tok, TURNS, SYSTEM, 8, out=out)
     finally:
         torch.set_num_threads(threads)
     assert p.stdout == out.getvalue() and p.stdout.strip()
     # --prompt with --chat: one turn, then exit
-    llama.main(args + ["--chat", "--prompt", TURNS[0]])
+    chat.main(args + ["--chat", "--prompt", TURNS[0]])
     one = io.StringIO()
-    llama.chat(model, tok, TURNS[:1], None, 8, out=one)
+    chat.chat(model, tok, TURNS[:1], None, 8, out=one)
     assert capsys.readouterr().out == one.getvalue() != ""
     # --prompt alone: plain completion with the adapter (no template), as llama.generate makes it
-    llama.main(args + ["--prompt", "Once upon a time"])
+    chat.main(args + ["--prompt", "Once upon a time"])
     prompt = tok.encode("Once upon a time")
     new = llama.generate(model, [prompt], 8, eos_id=tok.eos_id)[0]
     assert capsys.readouterr().out == tok.decode(prompt + new) + "\n"
     # neither --prompt nor --chat: a usage error
     with pytest.raises(SystemExit) as e:
-        llama.main(["--ckpt_dir", tiny_ckpt])
+        chat.main(["--ckpt_dir", tiny_ckpt])
     assert e.value.code == 2 and "give --prompt TEXT, or --chat" in capsys.readouterr().err
 
 
@@ -130,7 +131,7 @@ def test_long_conversation_starts_over(tiny_ckpt, tmp_path, capsys):
     """A turn that no longer fits max_seq_len starts a new conversation (said on stderr), not an error."""
     model = llama.Transformer.from_checkpoint(tiny_ckpt, max_seq_len=48)
     tok = llama.Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
-    history = llama.chat(model, tok, ["hello there"] * 3, None, 8, out=io.StringIO())
+    history = chat.chat(model, tok, ["hello there"] * 3, None, 8, out=io.StringIO())
     assert "starting a new one" in capsys.readouterr().err
     assert history[:len(tok.encode("<|user|>\nhello there\n<|assistant|>\n"))] == \
         tok.encode("<|user|>\nhello there\n<|assistant|>\n")
@@ -157,7 +158,7 @@ def test_cli_chat_stdin_not_utf8_closed_or_empty(tiny_ckpt):
     out, threads = io.StringIO(), torch.get_num_threads()
     torch.set_num_threads(1)   # the subprocess's one thread: the same kernels, so the same greedy tokens
     try:
-        llama.chat(model, tok, ["caf\ufffd \ufffd\ufffd ok\n", "second turn\n"], None, 6, out=out)
+        chat.chat(model, tok, ["caf\ufffd \ufffd\ufffd ok\n", "second turn\n"], None, 6, out=out)
     finally:
         torch.set_num_threads(threads)
     assert p.stdout.decode() == out.getvalue() and out.getvalue().count("\n") == 2

@@ -8,10 +8,9 @@ import torch
 
 import data
 import evaluate
-import llama
 import train
 from conftest import ROOT
-from tools import checks
+from tools import chat, checks
 
 
 @pytest.mark.parametrize("value,interval,inside", [
@@ -72,14 +71,14 @@ def test_evaluate_flag_out_of_range(tiny_ckpt, tmp_path, capsys, flags, named):
     (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
     (["--device", "tpu"], "--device"), pytest.param(["--device", "cuda"], "--device", marks=NO_GPU)])
 def test_llama_flag_out_of_range(tiny_ckpt, capsys, flags, named):
-    code, err = run_main(llama.main, ["--ckpt_dir", tiny_ckpt, "--prompt", "hi"] + flags, capsys)
+    code, err = run_main(chat.main, ["--ckpt_dir", tiny_ckpt, "--prompt", "hi"] + flags, capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {named}"), err
 
 
 def test_every_numeric_flag_has_a_range():
-    """train.py: every int/float field of TrainConfig; evaluate.py and llama.py: every type=int/float option."""
+    """train.py: every int/float field of TrainConfig; evaluate.py and llama.py (tools/chat.py): every int/float option."""
     numeric = {f.name for f in train.fields(train.TrainConfig) if f.type in (int, float, "int", "float")}
     assert numeric == set(checks.TRAIN)
-    for path, table in (("evaluate.py", {**checks.EVALUATE, "router_layer": None}), ("llama.py", checks.LLAMA)):
+    for path, table in (("evaluate.py", {**checks.EVALUATE, "router_layer": None}), ("tools/chat.py", checks.LLAMA)):
         src = open(os.path.join(ROOT, path)).read()
         assert set(re.findall(r'add_argument\("--(\w+)", type=(?:int|float)', src)) == set(table), path

@@ -17,6 +17,7 @@ import mor
 from conftest import ROOT
 from test_evaluate import EXPECTED, STUBS, ByteTok, make_data, unigram_stub
 from tiny import TINY_PARAMS, write_checkpoint
+from tools import chat
 
 
 def snapshot(*roots) -> dict[str, bytes]:
@@ -90,7 +91,7 @@ def test_bad_params_json_is_one_line(tmp_path, setup, text, reason):
     edit_params(ckpt, text)
     before = snapshot(ckpt, setup["old"])
     where = os.path.join(ckpt, "params.json")
-    msg = one_line_error(llama.main, ["--ckpt_dir", ckpt, "--prompt", "hi"])
+    msg = one_line_error(chat.main, ["--ckpt_dir", ckpt, "--prompt", "hi"])
     assert msg.startswith(f"error: {where}: ") and re.search(reason, msg), msg
     msg = one_line_error(ev.main, ["--ckpt_dir", ckpt, "--data_dir", setup["data_dir"], "--tasks", "piqa",
                                    "--out", setup["old"]])
@@ -118,7 +119,7 @@ def test_missing_last_shard_is_named(tmp_path, vocab_parallel):
         edit_params(d, json.dumps(dict(TINY_PARAMS, vocab_size=-1)))
     os.remove(os.path.join(d, "consolidated.01.pth"))
     before = snapshot(d)
-    msg = one_line_error(llama.main, ["--ckpt_dir", d, "--prompt", "hi"])
+    msg = one_line_error(chat.main, ["--ckpt_dir", d, "--prompt", "hi"])
     assert msg == (f"error: {d}: consolidated.01.pth missing: the weights are split in 2 shards (consolidated.00.pth "
                    "holds 16 of the 32 rows of 'layers.0.attention.wq.weight' that params.json implies); "
                    "copy every shard")
@@ -126,7 +127,7 @@ def test_missing_last_shard_is_named(tmp_path, vocab_parallel):
     # a params.json whose dim is not the weights' still names the key and both shapes, not a missing shard
     write_checkpoint(str(tmp_path / "wide"), tokenizer=False)
     edit_params(str(tmp_path / "wide"), json.dumps(dict(TINY_PARAMS, dim=64, n_heads=8, n_kv_heads=4)))
-    msg = one_line_error(llama.main, ["--ckpt_dir", str(tmp_path / "wide"), "--prompt", "hi"])
+    msg = one_line_error(chat.main, ["--ckpt_dir", str(tmp_path / "wide"), "--prompt", "hi"])
     assert "has shape (384, 32) but params.json implies (384, 64)" in msg
 
 
@@ -159,7 +160,7 @@ def test_adapter_run_folder_equals_its_file(tmp_path, setup):
     unfinished = tmp_path / "unfinished"
     (unfinished / "ckpt_00000004").mkdir(parents=True)
     (unfinished / "latest").write_text("ckpt_00000004\n")
-    msg = one_line_error(llama.main, ["--ckpt_dir", setup["base"], "--adapter", str(unfinished), "--prompt", "hi"])
+    msg = one_line_error(chat.main, ["--ckpt_dir", setup["base"], "--adapter", str(unfinished), "--prompt", "hi"])
     assert msg == (f"error: {unfinished}: no adapter.pth in this folder (the run has not finished; its latest "
                    f"checkpoint's is {unfinished / 'ckpt_00000004' / 'adapter.pth'})")
 
@@ -169,14 +170,14 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
     adapter = os.path.join(setup["run"], "adapter.pth")
     ev_argv = ["--data_dir", setup["data_dir"], "--tasks", "piqa", "--out", setup["old"]]
     # trained on the 2-layer base, loaded on a 3-layer one
-    for main, extra in ((llama.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
+    for main, extra in ((chat.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
         msg = one_line_error(main, ["--ckpt_dir", setup["deeper"], "--adapter", setup["run"]] + extra)
         assert msg == (f"error: {adapter}: trained on dim 32 / 2 layers, this base is dim 32 / 3 layers: "
                        "give the --ckpt_dir it was trained on")
     # same depth and width, another FFN width: the first linear that differs is named with both shapes
     other = str(tmp_path / "other_ffn")
     write_checkpoint(other, dict(TINY_PARAMS, multiple_of=64), tokenizer=False)
-    msg = one_line_error(llama.main, ["--ckpt_dir", other, "--adapter", adapter, "--prompt", "hi"])
+    msg = one_line_error(chat.main, ["--ckpt_dir", other, "--adapter", adapter, "--prompt", "hi"])
     assert msg == (f"error: {adapter}: trained on layers.0.feed_forward.w1 of (in, out) features (32, 96), this "
                    "base is (32, 128): give the --ckpt_dir it was trained on")
     garbage, truncated, not_adapter = (str(tmp_path / n) for n in ("garbage.pth", "truncated.pth", "weights.pth"))
@@ -187,11 +188,11 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
     torch.save({"layers.0.feed_forward.w1.weight": torch.zeros(2, 2)}, not_adapter)
     for path, reason in ((garbage, "not a torch.save archive"), (truncated, "not a torch.save archive"),
                          (not_adapter, "expected train.py's {'config', 'state_dict'}")):
-        for main, extra in ((llama.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
+        for main, extra in ((chat.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
             msg = one_line_error(main, ["--ckpt_dir", setup["base"], "--adapter", path] + extra)
             assert msg.startswith(f"error: {path}: not an adapter file (") and reason in msg, msg
     nope = str(tmp_path / "nope")
-    msg = one_line_error(llama.main, ["--ckpt_dir", setup["base"], "--adapter", nope, "--prompt", "x"])
+    msg = one_line_error(chat.main, ["--ckpt_dir", setup["base"], "--adapter", nope, "--prompt", "x"])
     assert msg == f"error: {tmp_path / 'nope'}: no adapter file or run folder there"
     assert snapshot(setup["run"], setup["old"]) == before
 
