@@ -15,6 +15,7 @@ import time
 import torch
 
 import data
+import evaluate
 import train
 from llama import ModelArgs, Tokenizer, Transformer
 
@@ -35,7 +36,6 @@ def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: dict, tokeniz
 
 def mc_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, mc: dict[str, list[dict]]) -> dict[str, float]:
     """Held-out multiple-choice accuracy per skill (evaluate.py's scoring) and over all items."""
-    import evaluate
     accs = {name: evaluate.score_multiple_choice(model, tokenizer, items, batch_size=64, delimiter=" ")["acc"]
             for name, items in mc.items()}
     accs["all"] = sum(accs[n] * len(mc[n]) for n in mc) / sum(len(items) for items in mc.values())

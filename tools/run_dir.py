@@ -2,7 +2,7 @@
 file of it read back with torch.load(weights_only=True), so a checkpoint someone hands you cannot run code.
 
     out_dir/.lock             flock-ed by the run writing here (rank r > 0: .lock.<r>); says its pid and host
-    out_dir/config.json       the run's settings, out_dir/log.jsonl one record per step (train.StepLog)
+    out_dir/config.json       the run's settings, out_dir/log.jsonl one record per step (tools/steplog.py)
     out_dir/ckpt_<step>/      adapter.pth, state.pt, rng_<rank>.pt (optim_<rank>.pt under FSDP)
     out_dir/latest            the name of the newest complete checkpoint
     out_dir/adapter.pth       the final adapter (mor.save_adapter's file)
@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+import data
 import mor
 from llama import CheckpointError
 
@@ -208,7 +209,7 @@ def write_checkpoint(out_dir: str, step: int, raw: torch.nn.Module, optimizer, l
     adapter.pth (mor.save_adapter's file; adapters only), state.pt (optimizer, lr schedule, step, data
     position, config), rng_<rank>.pt (each rank's RNG states; dropout differs per rank), and under FSDP
     optim_<rank>.pt (each rank's optimizer shard). Only tensors and plain values, so that load (weights_only)
-    reads them all. train.restore_checkpoint reads them back.
+    reads them all. restore_checkpoint reads them back.
     """
     final = os.path.join(out_dir, f"ckpt_{step:08d}")
     tmp = final + ".tmp"
@@ -266,6 +267,30 @@ def save_adapter(raw: torch.nn.Module, out_dir: str, rank: int) -> None:
 
 
 # ----------------------------------------------------------------------------- restoring
+
+def restore_checkpoint(ckpt: str, state: dict, cfg, raw: torch.nn.Module, optimizer, loader: data.Loader,
+                       rank: int, world: int) -> tuple[int, int]:
+    """Everything write_checkpoint wrote, back in place (but the lr schedule: train.py re-fits it): adapter
+    (or full) weights, optimizer, data position, RNG streams, and log.jsonl cut after the checkpoint's step.
+    Returns (step, tokens_seen). Under FSDP the adapter came in with the model (train.build_sharded)."""
+    step = state["step"]
+    if not cfg.fsdp:
+        try:
+            mor.load_adapter(raw, os.path.join(ckpt, "adapter.pth"))
+        except ValueError as e:   # truncated or overwritten: offer the checkpoint before it
+            raise CheckpointError(f"{e}; {older_checkpoint(ckpt)}") from None
+    optimizer.load_state_dict(load(os.path.join(ckpt, f"optim_{rank}.pt"), ckpt) if cfg.fsdp
+                              else state["optimizer"])
+    try:
+        loader.load_state_dict(state["loader"])
+    except data.DataError as e:
+        raise CheckpointError(f"--resume {ckpt}: {e}: the --data files changed since this checkpoint") from None
+    if not restore_rng(ckpt, rank, state["world_size"] == world):   # continue each rank's dropout exactly
+        torch.manual_seed(cfg.seed + 1000 * rank + step)   # another number of processes: fresh dropout streams
+    if rank == 0:
+        trim_log(cfg.out_dir, step)   # the steps after the checkpoint run again
+    return step, state.get("tokens_seen", 0)
+
 
 def restore_rng(ckpt: str, rank: int, same_world: bool) -> bool:
     """Put back this rank's RNG streams (dropout) from rng_<rank>.pt; False when the run had another number of
