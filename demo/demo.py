@@ -1,7 +1,9 @@
-"""The no-download demo that `python train.py` runs with no arguments: MoR instruction tuning end to end on CPU.
+"""The no-download demo that `python train.py` runs with no arguments: MoR instruction tuning end
+to end on CPU.
 
-It drives train.py and evaluate.py exactly as a user would (a Meta-layout checkpoint on disk, a JSONL file, a
-TrainConfig); nothing here is part of the trainer. Each run starts over in out/demo.
+It drives train.py and evaluate.py exactly as a user would (a Meta-layout checkpoint on disk, a JSONL
+file, a TrainConfig); nothing here is part of the trainer. Each run starts over in out/demo. It
+imports train.py, so train.py imports it only in its `__main__` block (no import cycle).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import evaluate
 import train
 from llama import ModelArgs, Tokenizer, Transformer
 
-DEMO_PARAMS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
+DEMO_PARAMS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5,
+                   rope_theta=10000.0)
 
 
 def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: dict, tokenizer_path: str | None = None) -> str:

@@ -8,7 +8,8 @@ from typing import Iterator
 
 
 class Stop(Exception):
-    """Training stopped on a non-finite loss or gradient; the message says where the good checkpoint is."""
+    """Training stopped on a non-finite loss or gradient; the message says where the good checkpoint
+    is."""
 
 
 class Interrupted(Exception):
@@ -21,7 +22,8 @@ class Interrupted(Exception):
 
 @contextmanager
 def stop_signals() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM append to the yielded list instead of killing: the loop finishes its step first."""
+    """SIGINT and SIGTERM append to the yielded list instead of killing: the loop finishes its step
+    first."""
     seen: list[int] = []
     handlers = {s: signal.signal(s, lambda signum, frame: seen.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}

@@ -1,6 +1,6 @@
-"""train.py's command line: every TrainConfig field as a flag, --resume's settings, and the checks made
-before anything is loaded or written. Each fault is a ConfigError, which train.main prints as one
-`error:` line."""
+"""train.py's command line: every TrainConfig field as a flag, --resume's settings, and the checks
+made before anything is loaded or written. Each fault is a ConfigError, which train.main prints as
+one `error:` line."""
 from __future__ import annotations
 
 import argparse
@@ -14,14 +14,15 @@ from tools.run_dir import checkpoints, find_checkpoint, run_dir
 
 METHODS = ("mor", "lora", "dora", "moelora", "moslora", "full")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-# torchrun's own parser rejects `--r` after the script name (an ambiguous prefix of its --rdzv-*/--role/...
-# flags), so the rank also answers to --lora_r
+# torchrun's own parser rejects `--r` after the script name (an ambiguous prefix of its --rdzv-*,
+# --role, ... flags), so the rank also answers to --lora_r
 ALIASES = {"r": ("--lora_r",)}
 # what may differ from the checkpoint's settings on resume: the schedule's length and peak (see
-# train.lr_lambda), where the base now lives, and settings that do not change the math; all else is another run
-RESUMABLE = ("max_steps", "epochs", "lr", "resume", "out_dir", "ckpt_dir", "tokenizer", "device", "compile",
-             "compile_mode", "tf32", "grad_ckpt", "progress", "peak_tflops", "eval_every", "ckpt_every",
-             "keep_ckpts", "crash_at_step")
+# tools/schedule.py), where the base now lives, and settings that do not change the math; all else
+# would be another run
+RESUMABLE = ("max_steps", "epochs", "lr", "resume", "out_dir", "ckpt_dir", "tokenizer", "device",
+             "compile", "compile_mode", "tf32", "grad_ckpt", "progress", "peak_tflops", "eval_every",
+             "ckpt_every", "keep_ckpts", "crash_at_step")
 
 
 class ConfigError(ValueError):
@@ -37,20 +38,22 @@ def str2bool(s: str) -> bool:
 
 
 def parser(config: type, defaults: bool = True) -> argparse.ArgumentParser:
-    """Every field of the config dataclass as --name (its docstring is the description); booleans also as
-    bare --name / --no_name; lists take several values. With defaults=False, only the flags given on the
-    command line appear in the result."""
+    """Every field of the config dataclass as --name (its docstring is the description); booleans
+    also as bare --name / --no_name; lists take several values. With defaults=False, only the flags
+    given on the command line appear in the result."""
     ap = argparse.ArgumentParser(description=config.__doc__)
     for f in fields(config):
         d, h = getattr(config(), f.name), f.metadata["help"]
-        h += f" [default: {' '.join(map(str, d)) if isinstance(d, list) else d}]" if d not in ("", []) else ""
+        shown = " ".join(map(str, d)) if isinstance(d, list) else d
+        h += f" [default: {shown}]" if d not in ("", []) else ""
         dflt = d if defaults else argparse.SUPPRESS
         if isinstance(d, bool):
             ap.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=dflt, help=h)
             ap.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=dflt,
                             help=argparse.SUPPRESS)
         elif isinstance(d, list):
-            ap.add_argument(f"--{f.name}", nargs="+", default=dflt, help=h + " (space or comma separated)")
+            ap.add_argument(f"--{f.name}", nargs="+", default=dflt,
+                            help=h + " (space or comma separated)")
         else:
             ap.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), dest=f.name, type=type(d), default=dflt,
                             help=h)
@@ -58,15 +61,16 @@ def parser(config: type, defaults: bool = True) -> argparse.ArgumentParser:
 
 
 def given_flags(config: type, argv: list[str]) -> dict:
-    """The settings given on the command line (not defaulted), lists split at commas: "a,b" as well as "a b"."""
+    """The settings given on the command line (not defaulted), lists split at commas: "a,b" as well
+    as "a b"."""
     given = vars(parser(config, defaults=False).parse_args(argv))
     return {k: [x for v in vals for x in str(v).split(",") if x] if isinstance(vals, list) else vals
             for k, vals in given.items()}
 
 
 def parse_args(config: type, argv: list[str] | None = None):
-    """The config of a command line: defaults, then the given flags; with --resume, the run's own settings
-    under the given flags."""
+    """The config of a command line: defaults, then the given flags; with --resume, the run's own
+    settings under the given flags."""
     given = given_flags(config, argv)
     if given.get("resume"):
         return run_config(config, given["resume"], given)
@@ -80,8 +84,9 @@ def check_config(cfg) -> None:
         if value not in allowed:
             raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
     if not cfg.ckpt_dir or not cfg.data:
-        raise ConfigError("--ckpt_dir and --data are required (run `python train.py` alone for the demo)")
-    if not os.path.isfile(os.path.join(cfg.ckpt_dir, "params.json")):   # fail before tokenising the data
+        raise ConfigError("--ckpt_dir and --data are required (run `python train.py` alone for the "
+                          "demo)")
+    if not os.path.isfile(os.path.join(cfg.ckpt_dir, "params.json")):   # fail before tokenising
         raise ConfigError(f"--ckpt_dir {cfg.ckpt_dir}: no params.json (Meta's layout: params.json + "
                           "consolidated.NN.pth)")
     for path in cfg.data + cfg.val_data:
@@ -97,13 +102,15 @@ def check_config(cfg) -> None:
     if cfg.method != "full" and not cfg.targets:
         raise ConfigError("--targets: no layer name given (e.g. --targets w1 w2 w3)")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ConfigError(f"{cfg.out_dir}: --out_dir is a file, not a folder; choose another --out_dir")
+        raise ConfigError(f"{cfg.out_dir}: --out_dir is a file, not a folder; choose another "
+                          "--out_dir")
 
 
-# ----------------------------------------------------------------------------- resume and a new run's folder
+# ----------------------------------------------------------------------------- resume, a new run's folder
 
 def run_config(config: type, resume: str, given: dict):
-    """`--resume DIR`: the run's own settings (config.json of its folder), the flags given now over them."""
+    """`--resume DIR`: the run's own settings (config.json of its folder), the flags given now over
+    them."""
     path = os.path.join(run_dir(find_checkpoint(resume)), "config.json")
     try:
         with open(path) as f:
@@ -122,7 +129,8 @@ def run_config(config: type, resume: str, given: dict):
 
 
 def check_resume(cfg, state: dict, ckpt: str) -> None:
-    """The resumed run must be the checkpoint's run: only the RESUMABLE settings may differ from its config."""
+    """The resumed run must be the checkpoint's run: only the RESUMABLE settings may differ from its
+    config."""
     old, flag = state["config"], lambda k: "--r" if k == "r" else f"--{k}"
     show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)
     diff = [f"{flag(k)} {show(getattr(cfg, k))} (the run has {show(v)})" for k, v in old.items()
@@ -137,13 +145,14 @@ def check_resume(cfg, state: dict, ckpt: str) -> None:
 
 
 def check_out_dir(cfg) -> None:
-    """A new run needs a folder without another run in it: its checkpoints would be mixed with (and rotated
-    away by) this run's, and its log rewritten. Checked before anything is written."""
+    """A new run needs a folder without another run in it: its checkpoints would be mixed with (and
+    rotated away by) this run's, and its log rewritten. Checked before anything is written."""
     if cfg.resume or not os.path.isdir(cfg.out_dir):
         return
     ckpts = [name for _, name in checkpoints(cfg.out_dir)]
     ckpts += ["latest"] if os.path.isfile(os.path.join(cfg.out_dir, "latest")) else []
-    files = [f for f in ("log.jsonl", "adapter.pth") if os.path.isfile(os.path.join(cfg.out_dir, f))]
+    files = [f for f in ("log.jsonl", "adapter.pth")
+             if os.path.isfile(os.path.join(cfg.out_dir, f))]
     if ckpts:
         raise ConfigError(f"{cfg.out_dir}: --out_dir holds another run's checkpoints ({', '.join(ckpts[-3:])}); "
                           f"continue it with --resume {cfg.out_dir}, or choose a new --out_dir")
