@@ -1,20 +1,21 @@
-"""Data for instruction tuning: Tulu-v2 JSONL -> (input_ids, labels) batches, and a synthetic demo set.
+"""Data for instruction tuning: Tulu-v2 JSONL -> (input_ids, labels) batches, and a synthetic set.
 
 Formats read (one JSON object per line, one or several files):
-  Tulu-v2 SFT mixture  {"dataset": ..., "id": ..., "messages": [{"role": "system"|"user"|"assistant", "content": str}]}
+  Tulu-v2 SFT mixture  {"dataset": ..., "id": ..., "messages": [{"role": ..., "content": str}]}
+                       (role: "system" | "user" | "assistant")
   prompt/completion    {"prompt": str, "completion": str}   (raw text, loss on the completion only)
 
 Chat template (open-instruct's Tulu template, which the paper's Tulu-v2 data was built for):
   <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{assistant}</s>\n<|user|>\n...
-Labels follow the Hugging Face convention: labels[i] is the token at position i (the loss shifts by one)
-and -100 means "not supervised". Only assistant replies and the EOS that ends each of them are supervised:
-the model is taught to answer, not to imitate users.
+Labels follow the Hugging Face convention: labels[i] is the token at position i (the loss shifts by
+one) and -100 means "not supervised". Only assistant replies and the EOS that ends each of them are
+supervised: the model is taught to answer, not to imitate users.
 
-Tokenisation is done piece by piece (template text, then reply, then EOS id) so that label boundaries are
-exact by construction. With SentencePiece (dummy prefix, split on whitespace) encode(a) + encode(b) equals
-encode(a + " " + b), so a reply is tokenised as if it followed its prompt after one space; the evaluator's
-`context + " " + choice` scoring therefore sees the very tokens training saw. EOS is a token, not text, so
-the newline the text template puts after `</s>` has no token of its own.
+Tokenisation is done piece by piece (template text, then reply, then EOS id), so label boundaries
+are exact by construction. With SentencePiece (dummy prefix, split on whitespace) encode(a) +
+encode(b) equals encode(a + " " + b), so a reply is tokenised as if it followed its prompt after one
+space; the evaluator's `context + " " + choice` scoring therefore sees the very tokens training saw.
+EOS is a token, not text: the newline the text template puts after `</s>` has no token of its own.
 """
 from __future__ import annotations
 
@@ -31,17 +32,17 @@ ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
-    """Training data that cannot be used as given: a bad file (the message names the file and line) or a batch
-    setting the data loader cannot honour."""
+    """Training data that cannot be used as given: a bad file (the message names the file and line)
+    or a batch setting the data loader cannot honour."""
 
 
 def train_tokenizer(texts: list[str], path: str, vocab_size: int = 512) -> str:
     """Train a tiny SentencePiece BPE model in LLaMA's id layout (unk 0, bos 1, eos 2, no pad).
 
-    Used by the no-download demo and the tests; real runs use Meta's tokenizer.model.
-    Byte fallback makes every string encodable, as in LLaMA's own tokenizer. A newline is always a piece
-    of its own (LLaMA encodes it as the byte <0x0A>): no piece straddles a line break, so text ending at a
-    line end tokenises the same alone and followed by more text (the evaluator's context/continuation split).
+    Used by the no-download demo and the tests; real runs use Meta's tokenizer.model. Byte fallback
+    makes every string encodable, as in LLaMA's tokenizer. A newline is always a piece of its own
+    (LLaMA encodes it as the byte <0x0A>): no piece straddles a line break, so text ending at a line
+    end tokenises the same alone and followed by more text (the evaluator's context/continuation).
     """
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -62,10 +63,10 @@ EOS = None   # the piece that stands for the EOS token (a token id, not text: "<
 
 
 def chat_segments(messages: list[dict]) -> list[tuple[str | None, bool]]:
-    """Split a conversation into (text, supervised) pieces of the Tulu template; EOS marks the EOS token.
+    """Split a conversation into (text, supervised) pieces of the Tulu template; EOS: the EOS token.
 
     Each assistant reply is its own supervised piece followed by a supervised EOS; everything else
-    (system, user, and the `<|assistant|>\\n` header) is context. Contents are stripped as open-instruct does.
+    (system, user, the `<|assistant|>\\n` header) is context. Contents are stripped (open-instruct).
     """
     segments, context = [], ""
     for m in messages:
@@ -83,7 +84,7 @@ def chat_segments(messages: list[dict]) -> list[tuple[str | None, bool]]:
 
 
 def format_chat(messages: list[dict]) -> str:
-    """The conversation as one string in the Tulu template (for reading; training uses chat_segments)."""
+    """The conversation as one string in the Tulu template (to read; training: chat_segments)."""
     text = ""
     for piece, _ in chat_segments(messages):
         text += "</s>\n" if piece is EOS else piece
@@ -91,13 +92,15 @@ def format_chat(messages: list[dict]) -> str:
 
 
 def chat_prompt(question: str, system: str | None = None) -> str:
-    """The text a model sees before answering one user turn: the context of evaluation and generation."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    """The text a model sees before answering a user turn: evaluation's and generation's context."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": question}]
     return "".join(text for text, _ in chat_segments(messages)) + "<|assistant|>\n"
 
 
-def encode_segments(segments: list[tuple[str | None, bool]], tokenizer, max_len: int) -> tuple[list[int], list[int]]:
-    """Tokenise pieces into input_ids and labels ([BOS] first, EOS -> eos id) and truncate to max_len."""
+def encode_segments(segments: list[tuple[str | None, bool]], tokenizer,
+                    max_len: int) -> tuple[list[int], list[int]]:
+    """Tokenise pieces into input_ids and labels ([BOS] first, EOS -> eos id), cut to max_len."""
     ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
     for text, supervised in segments:
         toks = [tokenizer.eos_id] if text is EOS else tokenizer.encode(text, bos=False, eos=False)
@@ -107,10 +110,10 @@ def encode_segments(segments: list[tuple[str | None, bool]], tokenizer, max_len:
 
 
 def encode_example(example: dict, tokenizer, max_len: int = 1024) -> tuple[list[int], list[int]]:
-    """One validated example (chat or prompt/completion) -> (input_ids, labels), truncated to max_len."""
+    """One validated example (chat or prompt/completion) -> (input_ids, labels), cut to max_len."""
     if "messages" in example:
         return encode_segments(chat_segments(example["messages"]), tokenizer, max_len)
-    # prompt/completion: raw text, no template (open-instruct's encode_with_prompt_completion_format)
+    # prompt/completion: raw text, no template (open-instruct: encode_with_prompt_completion_format)
     return encode_segments([(example["prompt"], False), (example["completion"], True), (EOS, True)],
                            tokenizer, max_len)
 
@@ -118,7 +121,8 @@ def encode_example(example: dict, tokenizer, max_len: int = 1024) -> tuple[list[
 # ----------------------------------------------------------------------------- reading JSONL
 
 def is_unicode(s: str) -> bool:
-    """False for text with a lone surrogate ("\\ud83d" is valid JSON but no character): the tokenizer rejects it."""
+    """False for text with a lone surrogate ("\\ud83d": valid JSON, no character; the tokenizer
+    rejects it)."""
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
@@ -158,8 +162,8 @@ def check_example(obj) -> str | None:
 
 
 def parse_line(raw: bytes, first: bool = False) -> tuple[dict | None, str | None]:
-    """One JSONL line (bytes) -> (example, None), or (None, why it is not one). Blank lines give (None, None).
-    The first line of a file may start with a UTF-8 BOM (utf-8-sig drops it); a CRLF line end is whitespace."""
+    """One JSONL line (bytes) -> (example, None), or (None, why it is not one); a blank line: (None,
+    None). A first line's UTF-8 BOM is dropped (utf-8-sig); a CRLF line end is whitespace."""
     try:
         line = raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as e:
@@ -203,8 +207,8 @@ def tokenize_examples(examples: list[dict], tokenizer, max_len: int = 1024,
                       progress: bool = False) -> tuple[list[tuple[list[int], list[int]]], dict]:
     """Tokenise examples; drop (and count) those with no supervised token left after truncation.
 
-    A label at position 0 can never be predicted (nothing precedes it), so "something to learn" means
-    a supervised label at position >= 1.
+    A label at position 0 can never be predicted (nothing precedes it), so "something to learn"
+    means a supervised label at position >= 1.
     """
     from tqdm import tqdm
     out, stats = [], dict(n_examples=0, n_truncated=0, n_dropped_empty=0, n_tokens=0, n_supervised=0)
@@ -235,8 +239,8 @@ def load_dataset(paths: list[str] | str, tokenizer, max_len: int = 1024, skip_ba
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[list[int], list[int]]]:
     """Greedily concatenate whole examples (in the given order) into rows of at most max_len tokens.
 
-    Fewer pad tokens, same supervised tokens. Packed examples can attend to earlier examples in their row
-    (the model takes no attention mask); each still starts with BOS, the usual trade-off of packed SFT.
+    Fewer pad tokens, same supervised tokens. Packed examples can attend to earlier ones in their
+    row (the model takes no attention mask); each still starts with BOS, as usual in packed SFT.
     """
     rows, ids, labels = [], [], []
     for x, y in examples:
@@ -251,8 +255,8 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[tupl
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pad_to_multiple: int = 1) -> dict:
     """Right-pad a micro-batch to a common length, rounded up to pad_to_multiple (fewer shapes for
-    torch.compile); also returns each row's real length. Pads get label -100, never supervised; right
-    padding is harmless under causal attention because no real token attends to a later pad."""
+    torch.compile); also returns each row's real length. Pads get label -100, never supervised;
+    right padding is harmless under causal attention: no real token attends to a later pad."""
     T = max(len(x) for x, _ in examples)
     T = -(-T // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -267,11 +271,11 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, pad_to_mul
 class Loader:
     """Endless, deterministic, resumable micro-batches for one rank.
 
-    Every epoch visits the examples in a fresh order drawn from (seed, epoch). Optimizer step s of an
-    epoch uses the global batch order[s*G : (s+1)*G]; rank r reads only its contiguous G/world_size share,
-    cut into micro-batches of micro_batch. The last partial global batch of an epoch is dropped, so every
-    step has exactly G examples. The position is counted in global batches, so a run can resume on a
-    different number of processes as long as G is the same.
+    Every epoch visits the examples in a fresh order drawn from (seed, epoch). Optimizer step s of
+    an epoch uses the global batch order[s*G : (s+1)*G]; rank r reads only its contiguous
+    G/world_size share, cut into micro-batches of micro_batch. The last partial global batch of an
+    epoch is dropped, so every step has exactly G examples. The position is counted in global
+    batches, so a run can resume on a different number of processes as long as G is the same.
     """
 
     def __init__(self, examples: list[tuple[list[int], list[int]]], global_batch: int, micro_batch: int = 1,
@@ -280,7 +284,8 @@ class Loader:
             raise DataError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} "
                             f"x world size {world_size}")
         if len(examples) < global_batch:
-            raise DataError(f"{len(examples)} training examples are fewer than one global batch ({global_batch})")
+            raise DataError(f"{len(examples)} training examples are fewer than one global batch "
+                            f"({global_batch})")
         self.examples, self.global_batch, self.micro_batch = examples, global_batch, micro_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.pad_id, self.pad_to_multiple = pad_id, pad_to_multiple
@@ -291,7 +296,7 @@ class Loader:
 
     def _permutation(self, epoch: int) -> list[int]:
         order = list(range(len(self.examples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)  # same on every rank and every run
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)  # same on every rank and run
         return order
 
     def next_step(self) -> list[dict]:
@@ -303,7 +308,8 @@ class Loader:
         start = self.step * self.global_batch + self.rank * share
         mine = self._order[start:start + share]
         self.step += 1
-        return [collate([self.examples[i] for i in mine[j:j + self.micro_batch]], self.pad_id, self.pad_to_multiple)
+        return [collate([self.examples[i] for i in mine[j:j + self.micro_batch]], self.pad_id,
+                        self.pad_to_multiple)
                 for j in range(0, share, self.micro_batch)]
 
     def state_dict(self) -> dict:
@@ -312,7 +318,7 @@ class Loader:
 
     def load_state_dict(self, sd: dict) -> None:
         now = self.state_dict()
-        for k in ("seed", "n_examples", "global_batch"):  # a different data set or batch would not resume
+        for k in ("seed", "n_examples", "global_batch"):  # another data set or batch: no resume
             if sd[k] != now[k]:
                 raise DataError(f"cannot resume: the data loader's {k} was {sd[k]}, now {now[k]}")
         self.epoch, self.step = sd["epoch"], sd["step"]
@@ -387,7 +393,7 @@ def synthetic_mc(n_per_skill: int, seed: int = 1, exclude: list[dict] | None = N
                  skills: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
     """Held-out multiple-choice items per skill, as evaluate.score_multiple_choice expects:
     dict(context=chat prompt ending in "<|assistant|>\\n", choices, gold). Score with delimiter " ".
-    Questions that occur in `exclude` (the training examples) are skipped, so every item is unseen."""
+    Questions in `exclude` (the training examples) are skipped, so every item is unseen."""
     seen = {ex["messages"][0]["content"] for ex in exclude or []}
     rng = random.Random(seed)
     out = {}

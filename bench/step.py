@@ -22,7 +22,7 @@ MFU (CUDA) counts the frozen-base FLOPs only, the same for every method:
 N = non-embedding parameters of the base (every matmul weight incl. the output head): forward 2N, plus 2N
 for the input gradients, which the backward still needs through the frozen base (no weight gradients);
 12 L d T = attention scores and values, forward + backward (PaLM's convention: full T x T, causal mask
-not halved). Adapter FLOPs are left out, so a method's extra cost shows as lower MFU. Peak: train.peak_flops.
+not halved). Adapter FLOPs are left out, so a method's extra cost shows as lower MFU. Peak: tools.steplog.peak_flops.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     # CUDA graphs (on CUDA only) reuse their output memory each replay: a training loop marks each step's start
     graphs = cuda and args.compile_mode in ("reduce-overhead", "max-autotune")
-    import train  # the real training step (forward_backward) and its peak-FLOPs table
+    import train  # the real training step (forward_backward)
+    from tools.steplog import peak_flops   # the peak-FLOPs table MFU uses
     preset, cfg = model_config(args, cuda)
     seq_len = args.seq_len or (1024 if cuda else 128)
     # at least one: the first step compiles and creates the optimizer state, which the peak memory counts
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     times = interleaved(steps, device, 0, repeats, paired_ref="LoRA R8", echo=True)
     rows = []
     flops = frozen_flops_per_token(base, seq_len)
-    peak_fl = train.peak_flops(device) if cuda else 0.0
+    peak_fl = peak_flops(device) if cuda else 0.0
     ref = "LoRA R8"
     for label in labels:
         t = median(times[label])

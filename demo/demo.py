@@ -1,7 +1,9 @@
-"""The no-download demo that `python train.py` runs with no arguments: MoR instruction tuning end to end on CPU.
+"""The no-download demo that `python train.py` runs with no arguments: MoR instruction tuning end
+to end on CPU.
 
-It drives train.py and evaluate.py exactly as a user would (a Meta-layout checkpoint on disk, a JSONL file, a
-TrainConfig); nothing here is part of the trainer. Each run starts over in out/demo.
+It drives train.py and evaluate.py exactly as a user would (a Meta-layout checkpoint on disk, a JSONL
+file, a TrainConfig); nothing here is part of the trainer. Each run starts over in out/demo. It
+imports train.py, so train.py imports it only in its `__main__` block (no import cycle).
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import time
 import torch
 
 import data
+import evaluate
 import train
 from llama import ModelArgs, Tokenizer, Transformer
 
-DEMO_PARAMS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
+DEMO_PARAMS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5,
+                   rope_theta=10000.0)
 
 
 def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: dict, tokenizer_path: str | None = None) -> str:
@@ -35,7 +39,6 @@ def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: dict, tokeniz
 
 def mc_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, mc: dict[str, list[dict]]) -> dict[str, float]:
     """Held-out multiple-choice accuracy per skill (evaluate.py's scoring) and over all items."""
-    import evaluate
     accs = {name: evaluate.score_multiple_choice(model, tokenizer, items, batch_size=64, delimiter=" ")["acc"]
             for name, items in mc.items()}
     accs["all"] = sum(accs[n] * len(mc[n]) for n in mc) / sum(len(items) for items in mc.values())

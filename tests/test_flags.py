@@ -1,5 +1,6 @@
 """Every numeric flag of train.py, evaluate.py and llama.py has a range (tools/checks.py); a value outside it, or
 a --device this machine lacks, is one `error:` line naming the flag and a non-zero exit, before any work."""
+import dataclasses
 import os
 import re
 
@@ -77,7 +78,7 @@ def test_llama_flag_out_of_range(tiny_ckpt, capsys, flags, named):
 
 def test_every_numeric_flag_has_a_range():
     """train.py: every int/float field of TrainConfig; evaluate.py and llama.py (tools/chat.py): every int/float option."""
-    numeric = {f.name for f in train.fields(train.TrainConfig) if f.type in (int, float, "int", "float")}
+    numeric = {f.name for f in dataclasses.fields(train.TrainConfig) if f.type in (int, float, "int", "float")}
     assert numeric == set(checks.TRAIN)
     for path, table in (("evaluate.py", {**checks.EVALUATE, "router_layer": None}), ("tools/chat.py", checks.LLAMA)):
         src = open(os.path.join(ROOT, path)).read()

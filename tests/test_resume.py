@@ -16,6 +16,7 @@ import data
 import train
 from conftest import ROOT
 from llama import Transformer
+from tools import run_dir as folder
 from test_train import ENV, cli, config, free_port, sft, signal_after_two_steps  # noqa: F401 (sft: fixture)
 
 KW = dict(max_steps=4, ckpt_every=2, global_batch=4, micro_batch=2, dropout=0.1, lr=5e-3)
@@ -67,7 +68,7 @@ def done(tiny_ckpt, sft, tmp_path_factory):   # noqa: F811
 def killed_after(done, dst, step: int):
     """A copy of the finished run as a SIGKILL right after `step`'s checkpoint leaves it."""
     shutil.copytree(done, dst)
-    for s, name in train.checkpoints(dst):
+    for s, name in folder.checkpoints(dst):
         if s > step:
             shutil.rmtree(dst / name)
     (dst / "latest").write_text(f"ckpt_{step:08d}\n")
@@ -168,7 +169,7 @@ def test_corrupt_latest_checkpoint_offers_the_older_one(done, tmp_path, capsys, 
     assert code == 0, err
     a, b = adapter_of(done), adapter_of(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert train.checkpoints(run) == [(2, "ckpt_00000002"), (4, "ckpt_00000004")]   # the broken one was replaced
+    assert folder.checkpoints(run) == [(2, "ckpt_00000002"), (4, "ckpt_00000004")]   # the broken one was replaced
     torch.load(run / "ckpt_00000004" / broken, weights_only=True)
 
 

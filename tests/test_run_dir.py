@@ -21,6 +21,7 @@ from conftest import ROOT
 from test_resume import KW, adapter_of, done, killed_after, log_of, one_error_line, run_main, snapshot  # noqa: F401
 from test_train import ENV, cli, config, sft  # noqa: F401 (sft: fixture)
 from tools import run_dir as folder
+from tools import schedule
 
 
 class Crafted:
@@ -69,7 +70,8 @@ def test_a_crafted_checkpoint_file_runs_nothing(done, tmp_path, capsys, where):
 
 
 def test_a_crafted_fsdp_optimizer_shard_runs_nothing(done, tiny_ckpt, sft, tmp_path):   # noqa: F811
-    """optim_<rank>.pt is read only under --fsdp (which needs torchrun): restore_checkpoint called directly."""
+    """optim_<rank>.pt is read only under --fsdp (which needs torchrun): run_dir.restore_checkpoint called
+    directly."""
     run = killed_after(done, tmp_path / "run", 4)
     ckpt = str(run / "ckpt_00000004")
     pwned = tmp_path / "pwned"
@@ -77,7 +79,7 @@ def test_a_crafted_fsdp_optimizer_shard_runs_nothing(done, tiny_ckpt, sft, tmp_p
     cfg = config(tiny_ckpt, sft, run, fsdp=True, **KW)
     with pytest.raises(train.CheckpointError, match=re.escape(f"{ckpt}/optim_0.pt: unreadable (it refers to ")):
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-        train.restore_checkpoint(ckpt, folder.read_state(ckpt), cfg, None, optimizer, None, 4, 0, 1)
+        folder.restore_checkpoint(ckpt, folder.read_state(ckpt), cfg, None, optimizer, None, 0, 1)
     assert not pwned.exists()
 
 
@@ -268,24 +270,24 @@ def test_read_only_out_dir_is_one_line_before_loading(tiny_ckpt, sft, tmp_path, 
 
 def test_extending_a_finished_run_warms_up_again_by_hand():
     cfg = train.TrainConfig(warmup_ratio=0.25, min_lr_ratio=0.1)
-    plan = train.plan_schedule(cfg, 4)   # warmup 1; the cosine over steps 1..3 of 4
-    lrs = [train.lr_lambda(s, min_ratio=0.1, **plan) for s in range(4)]
+    plan = schedule.plan_schedule(cfg, 4)   # warmup 1; the cosine over steps 1..3 of 4
+    lrs = [schedule.lr_lambda(s, min_ratio=0.1, **plan) for s in range(4)]
     cos = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)) for p in (0, 1 / 3, 2 / 3)]
     assert lrs == pytest.approx([1.0] + cos, rel=1e-12)
-    longer = train.plan_schedule(cfg, 12, step=4, saved=plan)   # 8 added steps: warmup round(0.25 * 8) = 2
-    new = [train.lr_lambda(s, min_ratio=0.1, **longer) for s in range(12)]
+    longer = schedule.plan_schedule(cfg, 12, step=4, saved=plan)   # 8 added steps: warmup round(0.25 * 8) = 2
+    new = [schedule.lr_lambda(s, min_ratio=0.1, **longer) for s in range(12)]
     assert new[:4] == lrs   # the steps already run keep their lrs exactly
     m = cos[-1]   # the last step's multiplier: the warmup climbs from there to 1 in 2 steps
     assert new[4:6] == pytest.approx([m + (1 - m) / 2, 1.0], rel=1e-12)
     # then a new run's cosine over the 6 steps left: 1 down towards min_lr_ratio, never reaching it
     assert new[6:] == pytest.approx([0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)], rel=1e-12)
     # under a new --lr twice the run's: it still starts from the lr the run ended at, m x the old peak
-    doubled = train.plan_schedule(train.TrainConfig(warmup_ratio=0.25, min_lr_ratio=0.1, lr=2 * cfg.lr), 12, 4,
+    doubled = schedule.plan_schedule(train.TrainConfig(warmup_ratio=0.25, min_lr_ratio=0.1, lr=2 * cfg.lr), 12, 4,
                                   plan, lr_was=cfg.lr)
-    assert 2 * train.lr_lambda(4, min_ratio=0.1, **doubled) == pytest.approx(m + (2 - m) / 2, rel=1e-12)
+    assert 2 * schedule.lr_lambda(4, min_ratio=0.1, **doubled) == pytest.approx(m + (2 - m) / 2, rel=1e-12)
     # extended again after 2 more steps (not finished): continues from where it is, the first 6 steps kept
-    again = train.plan_schedule(cfg, 20, step=6, saved=longer)
-    assert [train.lr_lambda(s, min_ratio=0.1, **again) for s in range(6)] == new[:6]
+    again = schedule.plan_schedule(cfg, 20, step=6, saved=longer)
+    assert [schedule.lr_lambda(s, min_ratio=0.1, **again) for s in range(6)] == new[:6]
 
 
 def test_a_state_of_plain_values_but_not_a_checkpoint_is_one_line(done, tmp_path, capsys):

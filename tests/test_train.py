@@ -19,6 +19,7 @@ import mor
 import train
 from conftest import ROOT
 from llama import Transformer
+from tools import schedule, train_cli
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -214,7 +215,8 @@ def free_port() -> int:
 RANK_DUMP = """
 import os, sys, torch
 import mor, train
-model = train.train(train.parse_args(sys.argv[1:]))
+from tools import train_cli
+model = train.train(train_cli.parse_args(train.TrainConfig, sys.argv[1:]))
 sd = mor.save_adapter(model, None)["state_dict"]   # gathered from the shards under FSDP
 torch.save(sd, os.path.join(model_out, f"rank{os.environ['RANK']}.pt"))
 """
@@ -335,18 +337,18 @@ def test_bad_input_errors(tiny_ckpt, sft, tmp_path, capsys):
 
 
 def test_cli_overrides_every_field():
-    cfg = train.parse_args(["--lr", "1e-4", "--no_compile", "--pack", "--targets", "w1,w3", "--data", "a", "b",
+    cfg = train_cli.parse_args(train.TrainConfig, ["--lr", "1e-4", "--no_compile", "--pack", "--targets", "w1,w3", "--data", "a", "b",
                             "--method", "lora", "--tf32", "false", "--num_experts", "2", "--lora_r", "16"])
     assert (cfg.lr, cfg.compile, cfg.pack, cfg.targets, cfg.data, cfg.method, cfg.tf32, cfg.num_experts, cfg.r) == \
         (1e-4, False, True, ["w1", "w3"], ["a", "b"], "lora", False, 2, 16)
-    assert train.parse_args(["--r", "4"]).r == 4
+    assert train_cli.parse_args(train.TrainConfig, ["--r", "4"]).r == 4
     d = train.TrainConfig()   # the paper's §4.1 defaults
     assert (d.method, d.r, d.alpha, d.num_experts, d.dropout, d.lr, d.global_batch, d.max_len, d.targets) == \
         ("mor", 8, 32, 8, 0.05, 2e-4, 8, 1024, ["w1", "w2", "w3"])
 
 
 def test_lr_schedule_by_hand():
-    lam = [train.lr_lambda(s, warmup=2, total=6, min_ratio=0.0) for s in range(6)]
+    lam = [schedule.lr_lambda(s, warmup=2, total=6, min_ratio=0.0) for s in range(6)]
     assert lam[:2] == [0.5, 1.0]
     assert lam[2] == pytest.approx(1.0) and lam[4] == pytest.approx(0.5) and lam[5] == pytest.approx(
         0.5 * (1 + __import__("math").cos(__import__("math").pi * 3 / 4)))
@@ -359,10 +361,10 @@ def test_compile_modes_accepted_and_compiled_steps_match_eager(tiny_ckpt, sft, t
     the real ones."""
     from torch._dynamo.utils import counters
     for mode in train.COMPILE_MODES:
-        assert train.parse_args(["--compile_mode", mode]).compile_mode == mode
+        assert train_cli.parse_args(train.TrainConfig, ["--compile_mode", mode]).compile_mode == mode
     with pytest.raises(train.ConfigError, match="--compile_mode must be one of default, reduce-overhead, "
                                                 "max-autotune-no-cudagraphs, got 'max-autotune'"):
-        train.check_config(config(tiny_ckpt, sft, tmp_path, compile_mode="max-autotune"))
+        train_cli.check_config(config(tiny_ckpt, sft, tmp_path, compile_mode="max-autotune"))
     tok = train.Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
     examples, _ = data.load_dataset(sft, tok, 128)
     batches = [data.collate([(ids[:n], labels[:n]) for ids, labels in examples[:2]], 0, 8) for n in (8, 16, 24)]
@@ -398,19 +400,19 @@ def test_compile_modes_accepted_and_compiled_steps_match_eager(tiny_ckpt, sft, t
 
 def test_lr_schedule_refit_on_resume_by_hand():
     cfg = train.TrainConfig(warmup_ratio=0.5)
-    saved = train.plan_schedule(cfg, 10)
+    saved = schedule.plan_schedule(cfg, 10)
     assert saved == {"warmup": 5, "total": 10, "start": 0, "start_mult": 1.0}
 
     def lrs(plan, steps):
-        return [train.lr_lambda(s, min_ratio=0.0, **plan) for s in steps]
+        return [schedule.lr_lambda(s, min_ratio=0.0, **plan) for s in steps]
     # resumed at step 2 (in the warmup) and made longer: the warmup goes on, the cosine spans steps 5..20
-    longer = train.plan_schedule(cfg, 20, step=2, saved=saved)
+    longer = schedule.plan_schedule(cfg, 20, step=2, saved=saved)
     assert lrs(longer, range(2, 7)) == pytest.approx([3 / 5, 4 / 5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 15))])
     # made shorter than the warmup: from the last multiplier 2/5 down over the 2 steps left (3 intervals)
-    shorter = train.plan_schedule(cfg, 4, step=2, saved=saved)
+    shorter = schedule.plan_schedule(cfg, 4, step=2, saved=saved)
     assert lrs(shorter, [2, 3]) == pytest.approx([0.4 * 0.5 * (1 + math.cos(math.pi / 3)),
                                                   0.4 * 0.5 * (1 + math.cos(2 * math.pi / 3))])
-    assert train.plan_schedule(cfg, 10, step=7, saved=saved) is saved   # the same length: the saved plan
+    assert schedule.plan_schedule(cfg, 10, step=7, saved=saved) is saved   # the same length: the saved plan
 
 
 def test_demo_smoke(tmp_path):
