@@ -69,23 +69,19 @@ class AdapterLinear(nn.Module):
     def dropout_active(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout)
 
-    def merge(self) -> None:
-        """Fold ΔW into W: the layer then costs exactly a plain nn.Linear."""
-        self.set_merged(True)
+    def merge(self, merge: bool = True) -> None:
+        """Fold ΔW into W: the layer then costs exactly a plain nn.Linear (unmerge undoes it)."""
+        if self.merged == merge:
+            raise RuntimeError(f"adapter is {'already' if merge else 'not'} merged")
+        with torch.no_grad():
+            self.fold(merge)
+        self.merged = merge
 
     def unmerge(self) -> None:
-        """Undo merge() (exact up to rounding in the base dtype)."""
-        self.set_merged(False)
-
-    def set_merged(self, merged: bool) -> None:
-        if self.merged == merged:
-            raise RuntimeError(f"adapter is {'already' if merged else 'not'} merged")
-        with torch.no_grad():
-            self.fold(merged)
-        self.merged = merged
+        self.merge(False)
 
     def fold(self, merge: bool) -> None:
-        """W ← W ± ΔW, in at least fp32 and rounded once to W's dtype."""
+        """W ← W ± ΔW, in at least fp32, rounded once to W's dtype (exact up to that rounding)."""
         w = self.base.weight
         dt = torch.promote_types(w.dtype, torch.float32)
         delta = self.delta_weight().to(dt)
@@ -106,14 +102,6 @@ def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: floa
     a fresh matrix the caller owns, not a view (nn.Linear's backward does not need it); out of
     place, addmm would first copy it: more traffic than the rank-k GEMM itself."""
     return out.addmm_(z, up.t(), alpha=scale).view(shape)
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype an nn.Linear computes x in: autocast's where it casts x (floating, not fp64)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
@@ -163,11 +151,6 @@ def init_router(layer: nn.Module, router: str, num_experts: int, fk: dict) -> No
                           persistent=False)
 
 
-def init_lora_A(A: torch.Tensor) -> None:
-    """HF PEFT's LoRA A init: kaiming-uniform with a = √5, i.e. U(-1/√d_in, 1/√d_in)."""
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-
-
 # -----------------------------------------------------------------------------
 # baselines (Table 1)
 
@@ -181,7 +164,7 @@ class LoRALinear(AdapterLinear):
         fk = self.factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **fk))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
-        init_lora_A(self.lora_A)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's: U(±1/√d_in)
 
     def up(self) -> torch.Tensor:
         """The d_out×r factor applied after A: B (MoSLoRA: B M)."""
@@ -288,9 +271,9 @@ class MoELoRALinear(AdapterLinear):
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.in_features, **fk))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, **fk))
         for A in self.lora_A:  # per expert, so the fan-in is d_in (not r·d_in of the 3-d tensor)
-            init_lora_A(A)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
-    def merge(self) -> None:
+    def merge(self, merge: bool = True) -> None:
         raise RuntimeError("MoELoRA cannot be merged into W: the router weights G(x) depend on "
                            "each input")
 
@@ -334,7 +317,7 @@ class MoRLinear(AdapterLinear):
         fk = self.factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **fk))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
-        init_lora_A(self.lora_A)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's: U(±1/√d_in)
         # eqs. 7, 8: Λ_A = diag(λ_A) (r×r), Λ_B = diag(λ_B) (d_out×d_out), kept as diagonals;
         # eq. 14: the N experts' λ_A, λ_B stacked as rows: Ω_A ∈ R^{N×r}, Ω_B ∈ R^{N×d_out}
         self.omega_A = nn.Parameter(torch.ones(num_experts, r, **fk))
@@ -346,7 +329,7 @@ class MoRLinear(AdapterLinear):
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix (N = 1: eq. 9)."""
         return self.scale * (self.omega_B[i][:, None] * self.lora_B * self.omega_A[i]) @ self.lora_A
 
-    def merge(self) -> None:
+    def merge(self, merge: bool = True) -> None:
         raise RuntimeError("MoR cannot be merged into W: the router weights G(x) depend on each "
                            "input (the paper's stated limitation). In eval mode it caches B̃.")
 
@@ -368,8 +351,9 @@ class MoRLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same numbers as `reference`, as one rank-N·r GEMM (eq. 15, Fig. 3: "fast path" below)."""
-        x2 = x.reshape(-1, self.in_features)  # tokens × d_in: a base output add_update can own
-        x2 = x2.to(autocast_dtype(x2))  # autocast's cast of x, once for the base and the adapter
+        x2, dev = x.reshape(-1, self.in_features), x.device.type  # a base output add_update owns
+        if torch.is_autocast_enabled(dev) and x2.dtype != torch.float64:  # autocast's cast of x,
+            x2 = x2.to(torch.get_autocast_dtype(dev))  # once for the base and the adapter
         out = self.base(x2)  # eq. 13: W x (+ bias), frozen
         dt = out.dtype
         x2 = x2.to(dt)
@@ -386,15 +370,12 @@ class MoRLinear(AdapterLinear):
         # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z, added into W x by one GEMM (α/r is in z)
         return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
 
-    def drop_cache(self) -> None:
+    def train(self, mode: bool = True) -> MoRLinear:  # (eval() too) drops the eval cache
         self._cache, self.generation = None, self.generation + 1
-
-    def train(self, mode: bool = True) -> MoRLinear:
-        self.drop_cache()
         return super().train(mode)
 
-    def _apply(self, fn, *args, **kwargs):
-        self.drop_cache()
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: the cache would be stale
+        self._cache, self.generation = None, self.generation + 1
         return super()._apply(fn, *args, **kwargs)
 
 
