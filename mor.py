@@ -1,4 +1,4 @@
-"""MoR: Mixture of Ranks for low-rank adaptation (Tang et al., paper §3), and the paper's baselines.
+"""MoR: Mixture of Ranks for low-rank adaptation (Tang et al., §3), and the paper's baselines.
 
 One file, torch only: copy it into any PyTorch project whose model is made of nn.Linear layers.
 
@@ -131,7 +131,7 @@ def note_routing(layer: nn.Module, G: torch.Tensor) -> None:
     if aux is not None or layer.aux_loss is not None:  # Module.__setattr__ is slow: skip None->None
         layer.aux_loss = aux
     if layer.record_router:
-        with torch.no_grad():  # buffers in place, no Python number: a compiled block never recompiles
+        with torch.no_grad():  # in place, no Python number: a compiled block never recompiles
             layer.router_sum += G.sum(0).to(layer.router_sum.dtype)
             layer.router_count += G.shape[0]
 
@@ -323,7 +323,7 @@ class MoRLinear(AdapterLinear):
         self.omega_A = nn.Parameter(torch.ones(num_experts, r, **fk))
         self.omega_B = nn.Parameter(torch.ones(num_experts, self.out_features, **fk))
         init_router(self, router, num_experts, fk)  # eq. 11's W_r
-        self._cache, self.generation = None, 0  # the eval cache (cached_weights), counted per change
+        self._cache, self.generation = None, 0  # the eval cache (cached_weights), its changes
 
     def direction(self, i: int) -> torch.Tensor:
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix (N = 1: eq. 9)."""
@@ -339,7 +339,8 @@ class MoRLinear(AdapterLinear):
         out = self.base(x2)  # eq. 13: W x (+ b), frozen
         dt = out.dtype  # adapters compute in the base output's dtype (module doc)
         x2 = x2.to(dt)
-        A, B, om_A, om_B = (p.to(dt) for p in (self.lora_A, self.lora_B, self.omega_A, self.omega_B))
+        A, B = self.lora_A.to(dt), self.lora_B.to(dt)
+        om_A, om_B = self.omega_A.to(dt), self.omega_B.to(dt)
         h = self.dropout(x2)  # drop(x): the adapter's input only, not the router's
         logits = F.linear(x2, self.router.weight.to(dt)) if self.router is not None else None
         G = gate(logits, self.num_experts, x2)  # eq. 11: G(x) = softmax(W_r x), (tokens, N)
@@ -473,7 +474,8 @@ def decode_state(model: nn.Module) -> tuple:
     generation (bumped by each rebuild and by train(), eval(), .to()) and whether its parameters
     are unchanged. A graph replays the cache by address: replay it only while this equals its
     value right after the capture, else capture again."""
-    return tuple((m.generation, m._cache is not None and m._cache[0] == weights_key(m, m._cache[0][0]))
+    return tuple((m.generation, m._cache is not None and
+                  m._cache[0] == weights_key(m, m._cache[0][0]))
                  for _, m in adapter_layers(model) if isinstance(m, MoRLinear))
 
 
@@ -601,8 +603,8 @@ def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> No
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise RuntimeError(f"adapter state dict does not match the model:\n  missing keys: {missing}"
-                           f"\n  unexpected keys: {unexpected}\n  mis-shaped: {shapes}")
+        raise RuntimeError(f"adapter state dict does not match the model:\n  missing keys: "
+                           f"{missing}\n  unexpected keys: {unexpected}\n  mis-shaped: {shapes}")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(sd[k])
@@ -683,7 +685,8 @@ def check_adapter(model: nn.Module, path: str) -> dict:
         a, b = describe(trained), describe(here)
         if a == b:  # the same summary: name the first linear that differs
             n = differ[0]
-            a, b = (f"{n} {'x'.join(map(str, d[n]))}" if n in d else f"no {n}" for d in (trained, here))
+            a, b = (f"{n} {'x'.join(map(str, d[n]))}" if n in d else f"no {n}"
+                    for d in (trained, here))
         raise ValueError(f"{path}: trained on {a}, this base is {b}")
     return ckpt
 
@@ -711,7 +714,8 @@ def load_adapter(model: nn.Module, path: str) -> dict:
 
 def balance_loss(model: nn.Module) -> torch.Tensor:
     """Σ over layers of the last forward's Switch balance loss (router="balanced"); else 0."""
-    losses = [m.aux_loss for _, m in adapter_layers(model) if getattr(m, "aux_loss", None) is not None]
+    losses = [m.aux_loss for _, m in adapter_layers(model)
+              if getattr(m, "aux_loss", None) is not None]
     if losses:
         return torch.stack(losses).sum()
     p = next(model.parameters(), None)

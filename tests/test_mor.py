@@ -629,6 +629,8 @@ def test_parameter_table_llama2_7b(capsys):
     table2.main([])
     out = capsys.readouterr().out
     assert "hidden 11008" in out and "11,599,872" in out and "23,205,888" in out and " NO" not in out
+    readme = open(os.path.join(ROOT, "README.md")).read().split("`python mor.py` (or `--params", 1)[1]
+    assert out == readme.split("```\n", 2)[1]   # the table README shows is what `python mor.py` prints
 
 
 def test_parameter_table_cli_params_file(tmp_path):
