@@ -360,8 +360,7 @@ class MoRLinear(AdapterLinear):
         x2 = x2.to(dt)
         if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             down, up = cached_weights(self, dt)  # decoding: B̃, [A; W_r] built once, not per token
-            a, logits, _ = down_project(x2, down, self.r, self.router is not None)
-            z, G = stacked_codes(a, logits, self.num_experts, self.scale)
+            z, G, _, _ = stacked_codes(x2, down, self.r, self.num_experts, self.scale)
         else:
             p = self.dropout.p if self.dropout_active() else 0.0
             W_r = self.router.weight if self.router is not None else None
@@ -409,17 +408,6 @@ def down_factors(A: torch.Tensor, W_r: torch.Tensor | None, dtype: torch.dtype) 
     return torch.cat([A, W_r], out=out)
 
 
-def down_project(x: torch.Tensor, down: torch.Tensor, r: int, routed: bool, p: float = 0.0
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(A drop(x), W_r x, dropout mask): one GEMM without dropout; with it the router reads the
-    undropped x, and the mask is F.dropout's own (native_dropout), as in `reference`."""
-    if p > 0:
-        h, keep = torch.native_dropout(x, p, True)
-        return F.linear(h, down[:r]), (F.linear(x, down[r:]) if routed else None), keep
-    a_logits = F.linear(x, down)
-    return a_logits[:, :r], (a_logits[:, r:] if routed else None), None
-
-
 def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha · u v per token (u: t×m×k, v: t×k×n). Eager: one batched GEMM whose alpha scales for
     free; compiled: bmm and a multiply, which inductor fuses into neighbours (not baddbmm)."""
@@ -428,11 +416,21 @@ def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.baddbmm(u.new_empty(()), u, v, beta=0, alpha=alpha)
 
 
-def stacked_codes(a: torch.Tensor, logits: torch.Tensor | None, num_experts: int,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, G): G of eq. 11 and z = (α/r) G ⊗ (A x) (tokens × N·r, eq. 15), in a's dtype."""
+def stacked_codes(x: torch.Tensor, down: torch.Tensor, r: int, num_experts: int, scale: float,
+                  p: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """(z, G, A drop(x), dropout mask) from [A; W_r]: G of eq. 11 and z = (α/r) G ⊗ (A x)
+    (tokens × N·r, eq. 15), in x's dtype. A x and W_r x are one GEMM without dropout; with it the
+    router reads the undropped x, and the mask is F.dropout's own (native_dropout), as in
+    `reference`."""
+    routed, keep = down.shape[0] > r, None
+    if p > 0:
+        h, keep = torch.native_dropout(x, p, True)
+        a, logits = F.linear(h, down[:r]), (F.linear(x, down[r:]) if routed else None)
+    else:
+        a_logits = F.linear(x, down)
+        a, logits = a_logits[:, :r], (a_logits[:, r:] if routed else None)
     G = gate(logits, num_experts, a, a.dtype)
-    return outer(G[:, :, None], a[:, None, :], scale).view(-1, num_experts * a.shape[1]), G
+    return outer(G[:, :, None], a[:, None, :], scale).view(-1, num_experts * r), G, a, keep
 
 
 def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -492,8 +490,7 @@ class StackedMixture(torch.autograd.Function):
     def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
         dt = x.dtype
         down = down_factors(A, W_r, dt)
-        a, logits, keep = down_project(x, down, A.shape[0], W_r is not None, p)
-        z, G = stacked_codes(a, logits, omega_A.shape[0], scale)
+        z, G, a, keep = stacked_codes(x, down, A.shape[0], omega_A.shape[0], scale, p)
         ctx.save_for_backward(x, keep, a, G, down, B, omega_A, omega_B)
         ctx.p, ctx.scale, ctx.router, ctx.master = p, scale, W_r is not None, A.dtype
         ctx.set_materialize_grads(False)  # G's gradient is None unless a balance loss used it

@@ -1,9 +1,9 @@
-"""`python mor.py [--params params.json]`: the paper's Table 2 (trainable parameters per method), counted.
+"""`python mor.py [--params params.json]`: the paper's Table 2 (trainable parameters), counted.
 
-Each method's adapters are added to a stand-in for a LLaMA's adapted part (the FFN's w1/w2/w3 of every
-layer, built on the meta device: no memory, no weights), the trainable parameters counted with
-mor.count_parameters, and the count set beside Table 2's formula evaluated on the same layers. mor.py
-hands its command line over to main() here, so that mor.py stays the file one copies alone.
+Each method's adapters are added to a stand-in for a LLaMA's adapted part (the FFN's w1/w2/w3 of
+every layer, on the meta device: no memory, no weights), the trainable parameters counted with
+mor.count_parameters and set beside Table 2's formula evaluated on the same layers. mor.py hands
+its command line over to main() here, so that mor.py stays the file one copies alone.
 """
 from __future__ import annotations
 
@@ -35,20 +35,20 @@ TABLE = [
 ]
 
 # Table 2 with d_in, d_out kept apart (the paper's square d×d case: d_in = d_out = d):
-# method -> (Table 2's form, the d_in/d_out form, the count for one layer (d_in, d_out, r, N, router))
+# method -> (Table 2's form, the d_in/d_out form, one layer's count (d_in, d_out, r, N, router))
 FORMULAS = {
     "lora": ("2dr", "r(d_in+d_out)", lambda i, o, r, N, rt: r * (i + o)),
     "dora": ("2dr + d", "r(d_in+d_out) + d_out", lambda i, o, r, N, rt: r * (i + o) + o),
     "moslora": ("2dr + r^2", "r(d_in+d_out) + r^2", lambda i, o, r, N, rt: r * (i + o) + r * r),
     "moelora": ("2Ndr + Nd", "N r(d_in+d_out) + N d_in",
                 lambda i, o, r, N, rt: N * r * (i + o) + N * i),
-    "mor": ("2dr + N(2d + r)", "r(d_in+d_out) + N(d_in+d_out+r)",   # router="mean": no W_r, no N·d_in
+    "mor": ("2dr + N(2d + r)", "r(d_in+d_out) + N(d_in+d_out+r)",   # "mean": no W_r, no N·d_in
             lambda i, o, r, N, rt: r * (i + o) + N * ((0 if rt == "mean" else i) + o + r)),
 }
 
 
 def ffn_stack(params: dict, device: str = "meta") -> nn.Module:
-    """Stand-in for a LLaMA's adapted part: layers[i].feed_forward.w1/w2/w3 as bias-free nn.Linear."""
+    """A LLaMA's adapted part: layers[i].feed_forward.w1/w2/w3 as bias-free nn.Linear."""
     dim = params["dim"]
     hidden = ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
 
@@ -61,7 +61,7 @@ def ffn_stack(params: dict, device: str = "meta") -> nn.Module:
 
 
 def parameter_table(params: dict, targets=("w1", "w2", "w3")) -> list[dict]:
-    """Trainable parameters of each method on the FFN stand-in (meta device) next to Table 2's formula."""
+    """Trainable parameters of each method on the FFN stand-in, next to Table 2's formula."""
     rows = []
     for label, method, hyper, paper in TABLE:
         model = ffn_stack(params)
@@ -79,7 +79,7 @@ def parameter_table(params: dict, targets=("w1", "w2", "w3")) -> list[dict]:
 
 
 def read_params(path: str) -> dict:
-    """A params.json with at least dim and n_layers; any fault is one SystemExit line naming the file."""
+    """A params.json with at least dim and n_layers; a fault is one SystemExit line naming it."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --params: no such file {path}")
     try:
@@ -94,10 +94,12 @@ def read_params(path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Trainable parameters per adapter method (paper Table 2), "
-                                             "counted on the meta device for LLaMA FFN layers w1/w2/w3.")
-    ap.add_argument("--params", default=None, help="Meta params.json (default: LLaMA-2-7B's values)")
-    ap.add_argument("--targets", default="w1,w2,w3", help="comma-separated nn.Linear names to adapt")
+    ap = argparse.ArgumentParser(description="Trainable parameters per adapter method (paper Table "
+                                 "2), counted on the meta device for LLaMA FFN layers w1/w2/w3.")
+    ap.add_argument("--params", default=None,
+                    help="Meta params.json (default: LLaMA-2-7B's values)")
+    ap.add_argument("--targets", default="w1,w2,w3",
+                    help="comma-separated nn.Linear names to adapt")
     args = ap.parse_args(argv)
     params = dict(LLAMA2_7B) if args.params is None else read_params(args.params)
     mult, ffn_mult = params.get("multiple_of", 256), params.get("ffn_dim_multiplier")
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = parameter_table(params, tuple(args.targets.split(",")))
     except ValueError as e:   # a target that names no nn.Linear of the FFN stand-in
         raise SystemExit(f"error: --targets {args.targets}: {e}") from None
-    print(f"dim {params['dim']}, hidden {hidden}, {params['n_layers']} layers, targets {args.targets}")
+    print(f"dim {params['dim']}, hidden {hidden}, {params['n_layers']} layers, "
+          f"targets {args.targets}")
     print(f"{'method':<15}{'trainable':>13}{'':>9}  {'Table 2':<17}{'as d_in, d_out':<34}"
           f"{'formula':>13}  ok" + ("  paper" if is_7b else ""))
     for row in rows:
