@@ -185,14 +185,11 @@ class LoRALinear(AdapterLinear):
 
 
 class DoRALinear(LoRALinear):
-    """DoRA (Liu et al. 2024), HF PEFT numerics: LoRA's A, B and a learned magnitude per row.
-
-    o = m / ‖W + s·B A‖_row ⊙ (W x + s·B A x) + b, s = α/r, the norm detached (DoRA §4.3), m
-    (d_out) the `magnitude`, initialised to ‖W‖_row: the base at step 0. With dropout active PEFT
-    (and so this) applies the direction to drop(x): o = W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s·B A
-    drop(x), g = m/‖W + s·BA‖. The norm builds W + s·BA each forward, as PEFT: the slow baseline.
-    Trainable: r(d_in + d_out) + d_out = 2dr + d (Table 2). Mergeable.
-    """
+    """DoRA (Liu et al. 2024), HF PEFT numerics: o = m / ‖W + s·B A‖_row ⊙ (W x + s·B A x) + b,
+    s = α/r, the norm detached (DoRA §4.3), m (d_out) the `magnitude`, initially ‖W‖_row (the base
+    at step 0). With dropout, as PEFT: o = W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s·B A drop(x),
+    g = m/‖W + s·BA‖, which builds W + s·BA each forward: the slow baseline. Trainable:
+    r(d_in + d_out) + d_out = 2dr + d (Table 2). Mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
         super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
@@ -255,13 +252,11 @@ class MoSLoRALinear(LoRALinear):
 
 
 class MoELoRALinear(AdapterLinear):
-    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x), N experts.
-
-    lora_A (N×r×d_in, kaiming-uniform a=√5 each), lora_B (N×d_out×r, zeros), router W_r (N×d_in)
-    on the undropped x. Run like MoR as one rank-N·r LoRA: z = (G ⊗ 1_r) ⊙ ([A_1;…;A_N] x),
-    ΔW x = (α/r) [B_1 … B_N] z. Trainable: N r(d_in + d_out) + N d_in = 2Ndr + Nd (Table 2, the
-    router counted with d_in). Not mergeable: G depends on x.
-    """
+    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x), N experts:
+    lora_A (N×r×d_in, PEFT's init each), lora_B (N×d_out×r, zeros), router W_r (N×d_in) on the
+    undropped x. Run like MoR as one rank-N·r LoRA: z = (G ⊗ 1_r) ⊙ ([A_1;…;A_N] x), ΔW x =
+    (α/r) [B_1 … B_N] z. Trainable: N r(d_in + d_out) + N d_in = 2Ndr + Nd (Table 2, the router
+    counted with d_in). Not mergeable: G depends on x."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 2,
                  dropout: float = 0.05, router: str = "learned"):
@@ -468,23 +463,19 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 def decode_state(model: nn.Module) -> tuple:
-    """What a CUDA graph captured over MoR's eval cache depends on, per MoRLinear: the cache's
-    generation (bumped by each rebuild and by train(), eval(), .to()) and whether its parameters
-    are unchanged. A graph replays the cache by address: replay it only while this equals its
-    value right after the capture, else capture again."""
+    """Per MoRLinear, the eval cache's generation (bumped by each rebuild, train(), eval(), .to())
+    and whether its parameters are unchanged. A CUDA graph captured over the cache replays it by
+    address: replay it only while this equals its value right after the capture."""
     return tuple((m.generation, m._cache is not None and
                   m._cache[0] == weights_key(m, m._cache[0][0]))
                  for _, m in adapter_layers(model) if isinstance(m, MoRLinear))
 
 
 class StackedMixture(torch.autograd.Function):
-    """(z, G, B̃) for `MoRLinear.forward`: the router, the codes and B̃ as one autograd node.
-
-    By hand because plain autograd runs ~2.4× LoRA's kernels (a node and a GPU launch per small
-    op) and keeps drop(x) and B̃'s fp32 intermediate. This keeps x, the 1-byte dropout mask, A x, G
-    and [A; W_r] in the compute dtype, and recomputes x ⊙ mask and B̃'s intermediate. Dropout's
-    backward is written out (x ⊙ mask, 1/(1-p) in ∂a); softmax's is torch's (softmax_backward).
-    """
+    """(z, G, B̃) for `MoRLinear.forward` as one autograd node, by hand because plain autograd
+    runs ~2.4× LoRA's kernels (a node and a GPU launch per small op) and keeps drop(x) and B̃'s
+    fp32 intermediate. This keeps x, the 1-byte dropout mask, A x, G and [A; W_r] in the compute
+    dtype and recomputes the rest; dropout's backward is written out (x ⊙ mask, 1/(1-p) in ∂a)."""
 
     @staticmethod
     def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
@@ -608,10 +599,9 @@ def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> No
 
 
 def save_adapter(model: nn.Module, path: str | None) -> dict:
-    """The adapter file {"config": model.adapter_config, "state_dict"}: written to path via a temp
-    file renamed into place (a kill never leaves half a file), and returned. The state dict is the
-    adapters' (method "full": the whole model's); sharded (FSDP2) parameters are gathered, a
-    collective: then every process calls this, and all but one pass path=None."""
+    """{"config": model.adapter_config, "state_dict": the adapters' (method "full": all)}, returned
+    and written to path via a temp file (a kill never leaves half a file). Sharded (FSDP2)
+    parameters are gathered, a collective: every process calls this, all but one with path=None."""
     config = getattr(model, "adapter_config", None)
     if config is None:
         raise RuntimeError("model has no adapter_config: call add_adapters() (or set "
@@ -689,10 +679,9 @@ def check_adapter(model: nn.Module, path: str) -> dict:
 
 
 def load_adapter(model: nn.Module, path: str) -> dict:
-    """Load a save_adapter() file (check_adapter) into a model: adds the adapters it describes and
-    loads their weights; a model with adapters already (training resumes) must have the file's
-    config, and only weights are loaded. Method "full": the whole state dict (strict). Returns the
-    config; any fault of the file is one ValueError naming it."""
+    """Load a save_adapter() file (checked by check_adapter) into a model: add the adapters it
+    describes (a model that has them, as on resume, keeps its own) and load their weights (method
+    "full": the whole state dict). Returns the config; a fault of the file is one ValueError."""
     ckpt = check_adapter(model, path)
     config = dict(ckpt["config"])
     try:
