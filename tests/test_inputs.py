@@ -170,16 +170,17 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
     adapter = os.path.join(setup["run"], "adapter.pth")
     ev_argv = ["--data_dir", setup["data_dir"], "--tasks", "piqa", "--out", setup["old"]]
     # trained on the 2-layer base, loaded on a 3-layer one
+    # (mor.load_adapter's message, exact in tests/test_mor.py; "(w1 32x96, ...)" follows each side)
     for main, extra in ((chat.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
         msg = one_line_error(main, ["--ckpt_dir", setup["deeper"], "--adapter", setup["run"]] + extra)
-        assert msg == (f"error: {adapter}: trained on dim 32 / 2 layers, this base is dim 32 / 3 layers: "
-                       "give the --ckpt_dir it was trained on")
-    # same depth and width, another FFN width: the first linear that differs is named with both shapes
+        assert msg.startswith(f"error: {adapter}: trained on dim 32 / 2 layers") and \
+            ", this base is dim 32 / 3 layers" in msg, msg
+    # same depth and width, another FFN width: both shapes
     other = str(tmp_path / "other_ffn")
     write_checkpoint(other, dict(TINY_PARAMS, multiple_of=64), tokenizer=False)
     msg = one_line_error(chat.main, ["--ckpt_dir", other, "--adapter", adapter, "--prompt", "hi"])
-    assert msg == (f"error: {adapter}: trained on layers.0.feed_forward.w1 of (in, out) features (32, 96), this "
-                   "base is (32, 128): give the --ckpt_dir it was trained on")
+    assert re.fullmatch(rf"error: {re.escape(adapter)}: trained on .*\b32\D+96\b.*, this base is .*\b32\D+128\b.*",
+                        msg), msg
     garbage, truncated, not_adapter = (str(tmp_path / n) for n in ("garbage.pth", "truncated.pth", "weights.pth"))
     with open(garbage, "wb") as f:
         f.write(bytes(range(256)) * 8)
@@ -187,7 +188,7 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
         f.write(open(adapter, "rb").read()[:500])
     torch.save({"layers.0.feed_forward.w1.weight": torch.zeros(2, 2)}, not_adapter)
     for path, reason in ((garbage, "not a torch.save archive"), (truncated, "not a torch.save archive"),
-                         (not_adapter, "expected train.py's {'config', 'state_dict'}")):
+                         (not_adapter, "{'config', 'state_dict'}")):
         for main, extra in ((chat.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
             msg = one_line_error(main, ["--ckpt_dir", setup["base"], "--adapter", path] + extra)
             assert msg.startswith(f"error: {path}: not an adapter file (") and reason in msg, msg

@@ -3,6 +3,8 @@ import ast
 import copy
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 import mor
 from conftest import ROOT
+from tools import table2
 
 torch.set_num_threads(2)
 
@@ -614,7 +617,7 @@ def test_parameter_counts_follow_table2():
 
 
 def test_parameter_table_llama2_7b(capsys):
-    rows = {row["label"]: row["trainable"] for row in mor.parameter_table(mor.LLAMA2_7B)}
+    rows = {row["label"]: row["trainable"] for row in table2.parameter_table(table2.LLAMA2_7B)}
     d, h, L, r = 4096, 11008, 32, 8
     lora_r8 = L * 3 * r * (d + h)  # w1, w3: d -> h, w2: h -> d
     assert rows["LoRA R8"] == lora_r8 and round(lora_r8 / 1e6, 1) == 11.6  # Table 1
@@ -623,20 +626,33 @@ def test_parameter_table_llama2_7b(capsys):
     assert rows["LoRA R16"] == 2 * lora_r8
     assert rows["DoRA R8"] == lora_r8 + L * (2 * h + d)
     assert rows["MoELoRA E2R8"] == 2 * lora_r8 + L * 2 * (2 * d + h)
-    mor.main([])
+    table2.main([])
     out = capsys.readouterr().out
     assert "hidden 11008" in out and "11,599,872" in out and "23,205,888" in out and " NO" not in out
+    readme = open(os.path.join(ROOT, "README.md")).read().split("`python mor.py` (or `--params", 1)[1]
+    assert out == readme.split("```\n", 2)[1]   # the table README shows is what `python mor.py` prints
 
 
-def test_parameter_table_cli_params_file(tmp_path, capsys):
+def test_parameter_table_cli_params_file(tmp_path):
+    """`python mor.py --params` hands over to tools/table2.py; a bad params.json is one error line."""
     p = tmp_path / "params.json"
     p.write_text('{"dim": 64, "n_layers": 2, "multiple_of": 16, "n_heads": 4}')
-    mor.main(["--params", str(p)])
-    out = capsys.readouterr().out
-    assert "hidden 176" in out  # 2·4·64/3 = 170 -> rounded up to a multiple of 16
-    assert f"{2 * 3 * 8 * (64 + 176):,}" in out  # LoRA R8
-    with pytest.raises(SystemExit, match="no such file"):
-        mor.main(["--params", str(tmp_path / "missing.json")])
+
+    def run(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "mor.py"), *map(str, args)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    res = run("--params", p)
+    assert res.returncode == 0, res.stderr
+    assert "hidden 176" in res.stdout  # 2·4·64/3 = 170 -> rounded up to a multiple of 16
+    assert f"{2 * 3 * 8 * (64 + 176):,}" in res.stdout  # LoRA R8
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"dim": 64,')
+    for args, line in ((["--params", tmp_path / "missing.json"], f"--params: no such file {tmp_path}"),
+                       (["--params", bad], f"{bad}: not a params.json ("),
+                       (["--params", p, "--targets", "w9"], "--targets w9: target(s) ['w9'] match no")):
+        res = run(*args)
+        assert res.returncode == 1 and res.stdout == "" and res.stderr.startswith("error: " + line)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_adapter_state_dict_round_trip_and_strict():
@@ -689,6 +705,85 @@ def test_save_load_adapter(tmp_path, method):
                                                                          model[2].adapter_parameters()}
 
 
+def ffn_model(hidden=(96, 96), dim=32, targets=None, **hyper):
+    """A LLaMA's adapted part (layers.i.feed_forward.w1/w2/w3; hidden width per layer), adapted with
+    LoRA when targets are given."""
+    model = nn.ModuleDict({"layers": nn.ModuleList(nn.ModuleDict({"feed_forward": nn.ModuleDict(
+        {"w1": nn.Linear(dim, h), "w2": nn.Linear(h, dim), "w3": nn.Linear(dim, h)})}) for h in hidden)})
+    if targets:
+        mor.add_adapters(model, "lora", targets=targets, r=2, **hyper)
+    return model
+
+
+def test_adapter_file_trained_on_another_base_is_one_error_naming_both(tmp_path):
+    path = str(tmp_path / "adapter.pth")
+    mor.save_adapter(ffn_model(targets=("w1", "w2", "w3")), path)
+    ffn = "(w1 32x96, w2 96x32, w3 32x96)"
+    with pytest.raises(ValueError) as e:   # deeper
+        mor.load_adapter(ffn_model(hidden=(96, 96, 96)), path)
+    assert str(e.value) == f"{path}: trained on dim 32 / 2 layers {ffn}, this base is dim 32 / 3 layers {ffn}"
+    with pytest.raises(ValueError) as e:   # another FFN width
+        mor.load_adapter(ffn_model(hidden=(128, 128)), path)
+    assert str(e.value) == (f"{path}: trained on dim 32 / 2 layers {ffn}, this base is dim 32 / 2 layers "
+                            "(w1 32x128, w2 128x32, w3 32x128)")
+    with pytest.raises(ValueError) as e:   # another width
+        mor.load_adapter(ffn_model(dim=48), path)
+    assert str(e.value) == (f"{path}: trained on dim 32 / 2 layers {ffn}, this base is dim 48 / 2 layers "
+                            "(w1 48x96, w2 96x48, w3 48x96)")
+    mor.save_adapter(ffn_model(hidden=(96, 128), targets=("w1",)), path)
+    with pytest.raises(ValueError) as e:   # the same shapes, in other layers: the first linear that differs
+        mor.load_adapter(ffn_model(hidden=(128, 96)), path)
+    assert str(e.value) == (f"{path}: trained on layers.0.feed_forward.w1 32x96, this base is "
+                            "layers.0.feed_forward.w1 32x128")
+    full = ffn_model()
+    full.adapter_config = {"method": "full"}
+    mor.save_adapter(full, path)
+    with pytest.raises(ValueError) as e:   # full fine-tuning: every linear's weight
+        mor.load_adapter(ffn_model(hidden=(96,)), path)
+    assert str(e.value) == f"{path}: trained on dim 32 / 2 layers {ffn}, this base is dim 32 / 1 layers {ffn}"
+    resumed = ffn_model(hidden=(128, 128), targets=("w1", "w2", "w3"))   # adapters there, as on resume
+    resumed.adapter_config = {"method": "full"}
+    mor.save_adapter(ffn_model(targets=("w1", "w2", "w3")), path)
+    resumed.adapter_config = mor.load_adapter(ffn_model(), path)   # the same config, other shapes
+    with pytest.raises(ValueError, match=re.escape(f"{path}: trained on dim 32 / 2 layers {ffn}, this base is "
+                                                   "dim 32 / 2 layers (w1 32x128")):
+        mor.load_adapter(resumed, path)
+
+
+def test_adapter_file_faults_are_one_value_error_naming_the_file(tmp_path):
+    good = str(tmp_path / "good.pth")
+    model = ffn_model(targets=("w1",))
+    mor.save_adapter(model, good)
+    garbage, truncated, weights, code, vera, extra, other = (
+        str(tmp_path / n) for n in ("garbage", "truncated", "weights", "code", "vera", "extra", "other"))
+    open(garbage, "wb").write(bytes(range(256)) * 8)
+    open(truncated, "wb").write(open(good, "rb").read()[:500])
+    torch.save({"layers.0.feed_forward.w1.weight": torch.zeros(2, 2)}, weights)
+    torch.save({"config": {"method": "lora"}, "state_dict": {}, "x": nn.Identity()}, code)   # a pickled object
+    ckpt = torch.load(good, weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "method": "vera"}}, vera)
+    torch.save({**ckpt, "state_dict": {**ckpt["state_dict"], "layers.0.feed_forward.w1.bogus": torch.zeros(1)}},
+               extra)
+    torch.save({**ckpt, "config": {**ckpt["config"], "targets": ["w9"]}}, other)
+    archive = "not an adapter file (not a torch.save archive: truncated, garbage, or another format)"
+    cases = {garbage: archive, truncated: archive,
+             weights: "not an adapter file (expected save_adapter()'s {'config', 'state_dict'})",
+             code: "not an adapter file (UnpicklingError: Weights only load failed",
+             vera: "unknown adapter method 'vera'; choose from",
+             extra: "adapter state dict does not match the model: missing keys: [] unexpected keys: "
+                    "['layers.0.feed_forward.w1.bogus'] mis-shaped: []",
+             other: "target(s) ['w9'] match no nn.Linear in the model"}
+    for path, reason in cases.items():
+        with pytest.raises(ValueError) as e:
+            mor.load_adapter(ffn_model(), path)
+        assert str(e.value).startswith(f"{path}: {reason}") and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ValueError) as e:   # the model has other adapters than the file
+        mor.load_adapter(ffn_model(targets=("w2",)), good)
+    assert str(e.value).startswith(f"{good}: the file holds adapters {{'method': 'lora', 'targets': ['w1']")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nope'}: no such adapter file")):
+        mor.load_adapter(ffn_model(), str(tmp_path / "nope"))
+
+
 def test_add_adapters_errors():
     with pytest.raises(ValueError, match="match no nn.Linear"):
         mor.add_adapters(mlp(), "lora", targets=("w1",))
@@ -714,10 +809,12 @@ def test_dotted_targets_on_nested_model():
     assert isinstance(model["layers"][1]["ffn"]["w1"], mor.MoRLinear)
 
 
-def test_mor_file_stands_alone():
+def test_mor_file_stands_alone(tmp_path):
     src = open(os.path.join(ROOT, "mor.py")).read()
     imported = set()
-    for node in ast.walk(ast.parse(src)):
+    # the __main__ guard hands `python mor.py` over to tools/table2.py (run below without it)
+    module = ast.parse(src.split('\nif __name__ == "__main__":\n')[0])
+    for node in ast.walk(module):
         if isinstance(node, ast.Import):
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -744,3 +841,10 @@ def test_mor_file_stands_alone():
             "assert not any(k in sys.modules for k in ('llama', 'train', 'data', 'evaluate')), sys.modules.keys()\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+    # copied alone, `python mor.py` says in one line where the table lives
+    shutil.copy(os.path.join(ROOT, "mor.py"), tmp_path / "mor.py")
+    res = subprocess.run([sys.executable, "mor.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 1 and res.stdout == "" and res.stderr == (
+        "error: `python mor.py` prints Table 2 with the MoR project's tools/table2.py, which is not "
+        "beside this copy of mor.py\n")
