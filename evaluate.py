@@ -18,26 +18,20 @@ WinoGrande, MMLU, LAMBADA; exact match for NQ-open. Every metric is in the JSON.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import glob
-import json
 import math
 import os
 import re
 import string
 import sys
 import time
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
 import llama
-from tools import checks
+from tools.benchmarks import load_task   # the files and prompts of the ten tasks; evaluate.load_task stays
 
 # paper column order (Table 1)
 TASKS = ("siqa", "piqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag", "openbookqa", "lambada",
@@ -48,20 +42,6 @@ REPORTED = dict(siqa="acc", piqa="acc_norm", winogrande="acc", arc_easy="acc_nor
                 hellaswag="acc_norm", openbookqa="acc_norm", lambada="acc", mmlu="acc", nq_open="exact_match")
 ALIASES = dict(social_iqa="siqa", wg="winogrande", arc_e="arc_easy", arc_c="arc_challenge", hella="hellaswag",
                obqa="openbookqa", lambada_openai="lambada", lam="lambada", nq="nq_open")
-# data file(s) looked for in data_dir/<task>/, first match wins: official release name first, then the
-# Hugging Face split saved as JSONL. A "<stem>-labels.lst" next to the file supplies the labels.
-FILES = dict(
-    piqa=["valid.jsonl", "dev.jsonl", "validation.jsonl"],
-    siqa=["dev.jsonl", "validation.jsonl"],
-    winogrande=["dev.jsonl", "validation.jsonl"],
-    arc_easy=["ARC-Easy-Test.jsonl", "test.jsonl"],
-    arc_challenge=["ARC-Challenge-Test.jsonl", "test.jsonl"],
-    hellaswag=["hellaswag_val.jsonl", "validation.jsonl"],
-    openbookqa=["Main/test.jsonl", "test.jsonl"],
-    lambada=["lambada_test.jsonl", "test.jsonl"],
-    mmlu=["test/*_test.csv", "test.jsonl"],
-    nq_open=["NQ-open.dev.jsonl", "validation.jsonl"],
-)
 NQ_STOP = ("\n", ".", ",")
 NQ_MAX_NEW_TOKENS = 32   # the longest NQ-open dev answer is 51 characters: longer outputs cannot match
 
@@ -243,7 +223,7 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
     encoded = [(tokens, n) for tokens, n, _ in encoded]
     was_training = model.training
     model.eval()   # adapters may carry dropout
-    bar = tqdm(total=len(requests), desc=desc, disable=desc is None or not _is_main(), leave=False)
+    bar = tqdm(total=len(requests), desc=desc, disable=desc is None or not is_main(), leave=False)
     try:
         groups: dict[str, list[int]] = {}
         for i, (context, _) in enumerate(requests):
@@ -308,265 +288,6 @@ def score_multiple_choice(model, tokenizer, items: list[dict], batch_size: int =
 
 
 # -----------------------------------------------------------------------------
-# task formats: one short function per benchmark, official row or Hugging Face row -> item
-
-def _label(value, n: int, base: int = 0) -> int:
-    """Integer label (int or digit string) counted from `base` -> index in 0..n-1, or a clear error."""
-    try:
-        i = int(str(value).strip()) - base
-    except ValueError:
-        raise ValueError(f"label {value!r} is not an integer") from None
-    if not 0 <= i < n:
-        raise ValueError(f"label {value!r} out of range (expected {base}..{base + n - 1})")
-    return i
-
-
-def _text(value, what: str) -> str:
-    """A text field of a row as it is (empty allowed: HellaSwag's ctx_b often is), or a clear error; so that a
-    null or a number is a bad row here, not the prompt "None" or a crash in the tokenizer."""
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {value!r:.40}")
-    return value
-
-
-def check_item(item: dict) -> None:
-    """What the tokenizer will see: every prompt, choice and answer valid Unicode text (a file's bytes that are
-    not UTF-8 arrive as lone surrogates, see _raw_rows), and nothing scored empty."""
-    scored = list(item.get("choices", [])) + ([item["continuation"]] if "continuation" in item else [])
-    texts = scored + list(item.get("contexts", [])) + ([item["context"]] if "context" in item else [])
-    for t in texts + list(item.get("answers", [])):
-        if not data.is_unicode(_text(t, "every choice and prompt")):
-            raise ValueError(f"text {t[:30]!r} is not valid Unicode (bytes that are not UTF-8, or a lone "
-                             "surrogate escape)")
-    if any(not t.strip() for t in scored):
-        raise ValueError("an empty choice or continuation (nothing to score)")
-
-
-def _keyed_choices(choices, answer_key) -> tuple[list[str], int]:
-    """ARC/OBQA choices: official [{"text", "label"}, ...] or HF {"text": [...], "label": [...]}; labels
-    are A-E or 1-5 and the gold is the position of answerKey among them."""
-    if isinstance(choices, dict):
-        texts, labels = list(choices["text"]), [str(x) for x in choices["label"]]
-    else:
-        texts, labels = [c["text"] for c in choices], [str(c["label"]) for c in choices]
-    key = str(answer_key).strip()
-    if key not in labels:
-        raise ValueError(f"answerKey {answer_key!r} is not one of the choice labels {labels}")
-    return texts, labels.index(key)
-
-
-def format_piqa(row: dict) -> dict:
-    """PIQA: "Question: {goal}\\nAnswer:" -> [sol1, sol2]; label 0/1 (valid-labels.lst or HF "label")."""
-    return dict(context=f"Question: {_text(row['goal'], 'goal')}\nAnswer:", choices=[row["sol1"], row["sol2"]],
-                gold=_label(row["label"], 2))
-
-
-def format_siqa(row: dict) -> dict:
-    """SIQA: "Q: {context} {question}\\nA:" -> [answerA, answerB, answerC]; label 1..3 (both forms)."""
-    return dict(context=f"Q: {_text(row['context'], 'context')} {_text(row['question'], 'question')}\nA:",
-                choices=[row["answerA"], row["answerB"], row["answerC"]], gold=_label(row["label"], 3, base=1))
-
-
-def format_winogrande(row: dict) -> dict:
-    """WinoGrande, partial scoring: contexts = sentence up to "_" with option1 / option2 filled in; the
-    shared continuation " {rest of the sentence}" is scored after each. answer "1"/"2"."""
-    sentence = row["sentence"]
-    if "_" not in sentence:
-        raise ValueError(f"sentence has no '_' blank: {sentence!r}")
-    cut = sentence.index("_")   # the first one, as the harness
-    return dict(contexts=[sentence[:cut] + row["option1"], sentence[:cut] + row["option2"]],
-                continuation=sentence[cut + 1:].strip(), gold=_label(row.get("label", row.get("answer")), 2, base=1))
-
-
-def format_arc(row: dict) -> dict:
-    """ARC-Easy/Challenge: "Question: {question}\\nAnswer:" -> choice texts; gold = answerKey's position."""
-    q = row["question"]
-    stem, choices = (q["stem"], q["choices"]) if isinstance(q, dict) else (q, row["choices"])
-    texts, gold = _keyed_choices(choices, row["answerKey"])
-    return dict(context=f"Question: {_text(stem, 'question')}\nAnswer:", choices=texts, gold=gold)
-
-
-def format_openbookqa(row: dict) -> dict:
-    """OpenBookQA: "{question_stem}" -> choice texts (no prefix, no "Answer:"); gold = answerKey's position."""
-    if "question_stem" in row:                     # Hugging Face
-        stem, choices = row["question_stem"], row["choices"]
-    else:                                          # official
-        stem, choices = row["question"]["stem"], row["question"]["choices"]
-    texts, gold = _keyed_choices(choices, row["answerKey"])
-    return dict(context=stem, choices=texts, gold=gold)
-
-
-def hellaswag_preprocess(text: str) -> str:
-    """The harness's cleanup of WikiHow artefacts: " [title]" -> ". ", other [brackets] dropped, double spaces."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def format_hellaswag(row: dict) -> dict:
-    """HellaSwag: "{activity_label}: {ctx_a} {ctx_b capitalised}" -> endings, all through
-    hellaswag_preprocess; label 0..3 (int in the official file, string in HF)."""
-    context = hellaswag_preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
-    endings = row["endings"]
-    return dict(context=context, choices=[hellaswag_preprocess(e) for e in endings],
-                gold=_label(row["label"], len(endings)))
-
-
-def mmlu_prompt(subject: str, question: str, choices: list[str]) -> str:
-    """MMLU 0-shot: "The following are multiple choice questions (with answers) about {subject}.\\n\\n
-    {question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:" (subject underscores -> spaces, question stripped)."""
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    return header + question.strip() + "".join(f"\n{k}. {c}" for k, c in zip("ABCD", choices)) + "\nAnswer:"
-
-
-def format_mmlu(row: dict) -> dict:
-    """MMLU: mmlu_prompt -> [" A", " B", " C", " D"]. Official headerless CSV (question, A, B, C, D, answer
-    letter) or HF row (question, subject, choices, answer 0..3 or letter)."""
-    if "fields" in row:                            # official CSV, subject from the file name
-        f = row["fields"]
-        if len(f) != 6:
-            raise ValueError(f"expected 6 CSV fields (question, A, B, C, D, answer), got {len(f)}")
-        question, choices, answer = f[0], f[1:5], f[5]
-    else:
-        question, choices, answer = row["question"], list(row["choices"]), row["answer"]
-    if len(choices) != 4:
-        raise ValueError(f"expected 4 choices, got {len(choices)}")
-    a = str(answer).strip()
-    if a.isalpha() and a not in ("A", "B", "C", "D"):
-        raise ValueError(f"answer {answer!r} is not one of A, B, C, D")
-    gold = "ABCD".index(a) if a.isalpha() else _label(a, 4)
-    return dict(context=mmlu_prompt(row["subject"], question, choices), choices=["A", "B", "C", "D"],
-                gold=gold, subject=row["subject"])
-
-
-def format_lambada(row: dict) -> dict:
-    """LAMBADA (OpenAI): context = text without its last word (split on " "), continuation " {last word}"."""
-    text = _text(row["text"], "text")
-    if " " not in text:
-        raise ValueError("text has no space: cannot split off the last word")
-    context, word = text.rsplit(" ", 1)
-    return dict(context=context, continuation=" " + word)
-
-
-def nq_prompt(question: str) -> str:
-    """NQ-open: "Answer these questions:\\n\\nQ: {question}?\\nA:", then greedy generation."""
-    return f"Answer these questions:\n\nQ: {question}?\nA:"
-
-
-def format_nq_open(row: dict) -> dict:
-    """NQ-open: question + list of acceptable answers (official and HF rows are the same)."""
-    answers = row["answer"]
-    answers = [answers] if isinstance(answers, str) else list(answers)
-    if not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError("'answer' must be a non-empty list of strings")
-    return dict(context=nq_prompt(_text(row["question"], "question")), answers=answers)
-
-
-FORMATS: dict[str, Callable[[dict], dict]] = dict(
-    piqa=format_piqa, siqa=format_siqa, winogrande=format_winogrande, arc_easy=format_arc,
-    arc_challenge=format_arc, hellaswag=format_hellaswag, openbookqa=format_openbookqa,
-    lambada=format_lambada, mmlu=format_mmlu, nq_open=format_nq_open)
-
-
-# -----------------------------------------------------------------------------
-# reading the files
-
-def find_data_file(task: str, folder: str) -> list[str]:
-    """The data file(s) of a task folder (FILES order), or FileNotFoundError naming what was expected."""
-    for pattern in FILES[task]:
-        paths = sorted(glob.glob(os.path.join(folder, pattern)))
-        if paths:
-            return paths
-    raise FileNotFoundError(f"{folder}: no {task} data file; expected one of {FILES[task]}")
-
-
-def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None]]:
-    """(where = "file:line", raw row: JSON text or dict, label from a -labels.lst file or None).
-
-    Files are decoded with errors="surrogateescape": a byte that is not UTF-8 does not stop the whole read
-    (with no line to name) but becomes a lone surrogate in its row, which check_item rejects as that row's.
-    A UTF-8 BOM (utf-8-sig) and CRLF line ends (Windows, Excel) read as the plain UTF-8, LF file would."""
-    if paths[0].endswith(".csv"):   # MMLU official: one headerless CSV per subject, fields may hold newlines
-        rows = []
-        for path in paths:
-            subject = os.path.basename(path)[: -len("_test.csv")]
-            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-                reader = csv.reader(f)
-                line = 1
-                while True:
-                    try:
-                        fields = next(reader, None)
-                    except csv.Error as e:   # a field over csv.field_size_limit(): that row is bad, read on
-                        rows.append((f"{path}:{line}", ValueError(f"CSV: {e}"), None))
-                        line = reader.line_num + 1
-                        continue
-                    if fields is None:
-                        break
-                    if any(x.strip() for x in fields):   # a CRLF file's line breaks inside quotes -> "\n"
-                        fields = [x.replace("\r\n", "\n") for x in fields]
-                        rows.append((f"{path}:{line}", dict(subject=subject, fields=fields), None))
-                    line = reader.line_num + 1
-        return rows
-    path = paths[0]
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:   # text mode: CRLF -> "\n"
-        rows = [(f"{path}:{k}", line, None) for k, line in enumerate(f, 1) if line.strip()]
-    labels_path = path[: -len(".jsonl")] + "-labels.lst"
-    if os.path.isfile(labels_path):
-        with open(labels_path, encoding="utf-8-sig", errors="surrogateescape") as f:
-            labels = [x.strip() for x in f if x.strip()]
-        if len(labels) != len(rows):
-            raise ValueError(f"{labels_path}: {len(labels)} labels for {len(rows)} rows of {path}")
-        rows = [(where, raw, label) for (where, raw, _), label in zip(rows, labels)]
-    return rows
-
-
-def _why(e: Exception) -> str:
-    if isinstance(e, RecursionError):   # json.loads of arrays/objects nested ~1000 deep
-        return "JSON nested deeper than Python's recursion limit"
-    return f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
-
-
-def load_task(task: str, data_dir: str, limit: int | None = None, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """Items of one task from data_dir/<task>/ -> (items, number of bad rows skipped).
-
-    A malformed row or an out-of-range label raises ValueError naming file and line, unless skip_bad.
-    limit: the first `limit` items (for MMLU the first `limit` of every subject, as the harness does).
-    """
-    folder = os.path.join(data_dir, task)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no folder for task {task} (expected one of {FILES[task]} in it)")
-    items, bad = [], 0
-    for where, raw, label in _raw_rows(task, find_data_file(task, folder)):
-        try:
-            if isinstance(raw, Exception):   # a row the reader could not split
-                raise raw
-            row = json.loads(raw) if isinstance(raw, str) else raw
-            if not isinstance(row, dict):
-                raise ValueError("expected a JSON object")
-            if label is not None:
-                row = {**row, "label": label}
-            item = FORMATS[task](row)
-            check_item(item)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
-            if not skip_bad:
-                raise ValueError(f"{where}: bad {task} row: {_why(e)}") from None
-            bad += 1
-            continue
-        item["where"] = where
-        items.append(item)
-    if limit is not None and task == "mmlu":
-        kept, seen = [], {}
-        for x in items:
-            seen[x["subject"]] = seen.get(x["subject"], 0) + 1
-            if seen[x["subject"]] <= limit:
-                kept.append(x)
-        items = kept
-    elif limit is not None:
-        items = items[:limit]
-    return items, bad
-
-
-# -----------------------------------------------------------------------------
 # NQ-open generation and its normalisation
 
 def nq_normalize(text: str) -> str:
@@ -595,7 +316,7 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 16,
     stop = lambda new: any(s in tokenizer.decode(new) for s in NQ_STOP)   # noqa: E731
     out = [""] * len(prompts)
     try:
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None or not _is_main(), leave=False):
+        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None or not is_main(), leave=False):
             idx = order[s:s + batch_size]
             new = llama.generate(model, [tokens[i] for i in idx], max_new_tokens, temperature=0.0,
                                  eos_id=tokenizer.eos_id, stop=stop)
@@ -609,7 +330,7 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 16,
 # -----------------------------------------------------------------------------
 # tasks -> metrics
 
-def _is_main() -> bool:
+def is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -739,95 +460,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def format_router_chart(results: dict, width: int = 30) -> str:
-    """Text bar chart of the mean router weight per expert and task (averaged over the block's adapted layers)."""
-    lines = []
-    for task, r in results.items():
-        if "router" not in r:
-            continue
-        per_layer = list(r["router"].values())
-        mean = [sum(col) / len(per_layer) for col in zip(*per_layer)]
-        lines.append(f"{task} ({', '.join(r['router'])}):")
-        top = max(mean) or 1.0
-        lines += [f"  expert {i:2d} {w:.3f} {'#' * round(width * w / top)}" for i, w in enumerate(mean)]
-    return "\n".join(lines)
-
-
-def check_out_path(path: str) -> None:
-    """--out can be written: not a folder, no file where a folder must be, permission to create it. Checked
-    before the model is loaded, so a typo costs seconds, not a whole evaluation."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: --out is a folder; give a file name, e.g. {os.path.join(path, 'results.json')}")
-    parent = os.path.dirname(path) or "."
-    while not os.path.exists(parent):   # the nearest part of the path that exists must be a writable folder
-        parent = os.path.dirname(parent) or "."
-    if not os.path.isdir(parent):
-        raise ValueError(f"{path}: cannot write --out there: {parent} is a file, not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{path}: cannot write --out there: no permission to write in {parent}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    try:   # bad input (files, rows, labels, checkpoints): one line naming the file and the problem
-        run(argv)
-    except (ValueError, FileNotFoundError) as e:   # CheckpointError is a ValueError
-        sys.exit(f"error: {e}")
-
-
-def run(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Zero-shot evaluation on the paper's benchmarks (lm-eval-harness style).")
-    ap.add_argument("--ckpt_dir", required=True, help="base model in Meta's layout (params.json, consolidated.NN.pth)")
-    ap.add_argument("--adapter", help="train.py's adapter.pth, or its run folder (out_dir)")
-    ap.add_argument("--tokenizer", help="default: tokenizer.model in ckpt_dir, else in its parent")
-    ap.add_argument("--data_dir", required=True, help="one folder per task (see README)")
-    ap.add_argument("--tasks", default="all", help="all, or a comma list: " + ",".join(TASKS))
-    ap.add_argument("--limit", type=int, help="first N items per task (per subject for MMLU)")
-    ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--max_seq_len", type=int, default=2048, help="the model's context (stories260K: 512)")
-    ap.add_argument("--skip_bad", action="store_true", help="skip and count malformed rows instead of stopping")
-    ap.add_argument("--out", default="out/results.json", help="JSON with every metric, counts and times")
-    ap.add_argument("--router_stats", action="store_true", help="mean router weight per expert and task (Fig. 7)")
-    ap.add_argument("--router_layer", type=int, default=-1, help="transformer block for --router_stats")
-    args = ap.parse_args(argv)
-    checks.check_ranges(vars(args), checks.EVALUATE)
-    check_out_path(args.out)   # before any scoring: a bad --out must not cost the results
-    _, _, device = llama.setup_distributed(cuda=torch.cuda.is_available())   # a process group under torchrun
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    t0 = time.time()
-    model = llama.Transformer.from_checkpoint(args.ckpt_dir, device, dtype, max_seq_len=args.max_seq_len,
-                                              max_batch_size=args.batch_size)
-    if args.adapter:   # a file or train.py's run folder, checked against this base
-        llama.apply_adapter(model, args.adapter)
-    model.eval()
-    n = model.params.n_layers   # a block index, Python-style negatives included
-    checks.check_ranges(vars(args), {"router_layer": f"[{-n}, {n - 1}]"})
-    tokenizer = llama.load_tokenizer(args.ckpt_dir, model.params.vocab_size, args.tokenizer)
-    results = evaluate_tasks(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size, args.skip_bad,
-                             args.router_layer if args.router_stats else None)
-    wall = time.time() - t0
-    if _is_main():
-        for task, r in results.items():
-            if "absent" in r and "n" in r:   # read, but nothing to score: said here, left out of table and Avg.
-                print(f"[{task}] not scored: {r['absent']}", file=sys.stderr)
-            if r.get("skipped_bad_rows"):
-                print(f"[{task}] skipped {r['skipped_bad_rows']} malformed rows (--skip_bad)", file=sys.stderr)
-        print(format_table(results))
-        if args.router_stats:
-            print(f"mean router weight per expert, block {args.router_layer} (paper Fig. 7):")
-            print(format_router_chart(results))
-        summary = dict(ckpt_dir=args.ckpt_dir, adapter=args.adapter, limit=args.limit, batch_size=args.batch_size,
-                       max_seq_len=args.max_seq_len, world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                       device=str(device), dtype=str(dtype), wall_time_s=round(wall, 1),
-                       router_layer=args.router_layer if args.router_stats else None,
-                       reported={t: r[REPORTED[t]] for t, r in results.items() if REPORTED[t] in r}, tasks=results)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".tmp", "w") as f:   # then renamed: an older results file is never half-overwritten
-            json.dump(summary, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
-        print(f"[wrote {args.out}; {wall:.1f} s]", file=sys.stderr)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    from tools import eval_cli   # the command line lives there; importing it at the top would be a cycle
+    eval_cli.main()

@@ -17,6 +17,7 @@ import mor
 from conftest import ROOT
 from test_evaluate import EXPECTED, STUBS, ByteTok, make_data, unigram_stub
 from tiny import TINY_PARAMS, write_checkpoint
+from tools import eval_cli
 
 
 def snapshot(*roots) -> dict[str, bytes]:
@@ -92,7 +93,7 @@ def test_bad_params_json_is_one_line(tmp_path, setup, text, reason):
     where = os.path.join(ckpt, "params.json")
     msg = one_line_error(llama.main, ["--ckpt_dir", ckpt, "--prompt", "hi"])
     assert msg.startswith(f"error: {where}: ") and re.search(reason, msg), msg
-    msg = one_line_error(ev.main, ["--ckpt_dir", ckpt, "--data_dir", setup["data_dir"], "--tasks", "piqa",
+    msg = one_line_error(eval_cli.main, ["--ckpt_dir", ckpt, "--data_dir", setup["data_dir"], "--tasks", "piqa",
                                    "--out", setup["old"]])
     assert msg.startswith(f"error: {where}: ")
     assert snapshot(ckpt, setup["old"]) == before
@@ -138,10 +139,10 @@ def test_out_under_a_file_fails_before_scoring(tmp_path, setup, monkeypatch):
     before = snapshot(setup["old"])
     argv = ["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "piqa", "--out"]
     bad = os.path.join(setup["old"], "sub", "r.json")
-    msg = one_line_error(ev.main, argv + [bad])
+    msg = one_line_error(eval_cli.main, argv + [bad])
     assert msg == (f"error: {bad}: cannot write --out there: {setup['old']} is a file, not a folder; "
                    "choose another --out")
-    msg = one_line_error(ev.main, argv + [str(tmp_path)])
+    msg = one_line_error(eval_cli.main, argv + [str(tmp_path)])
     assert msg.startswith(f"error: {tmp_path}: --out is a folder; give a file name")
     assert snapshot(setup["old"]) == before
 
@@ -152,7 +153,7 @@ def test_adapter_run_folder_equals_its_file(tmp_path, setup):
     file = os.path.join(setup["run"], "adapter.pth")
     for name, adapter in (("folder", setup["run"]), ("file", file), ("base", None)):
         out = str(tmp_path / f"{name}.json")
-        ev.main(["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "lambada",
+        eval_cli.main(["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "lambada",
                  "--max_seq_len", "64", "--out", out] + (["--adapter", adapter] if adapter else []))
         res[name] = json.load(open(out))["tasks"]["lambada"]
     assert res["folder"]["perplexity"] == res["file"]["perplexity"] != res["base"]["perplexity"]
@@ -169,7 +170,7 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
     adapter = os.path.join(setup["run"], "adapter.pth")
     ev_argv = ["--data_dir", setup["data_dir"], "--tasks", "piqa", "--out", setup["old"]]
     # trained on the 2-layer base, loaded on a 3-layer one
-    for main, extra in ((llama.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
+    for main, extra in ((llama.main, ["--prompt", "hi"]), (eval_cli.main, ev_argv)):
         msg = one_line_error(main, ["--ckpt_dir", setup["deeper"], "--adapter", setup["run"]] + extra)
         assert msg == (f"error: {adapter}: trained on dim 32 / 2 layers, this base is dim 32 / 3 layers: "
                        "give the --ckpt_dir it was trained on")
@@ -187,7 +188,7 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
     torch.save({"layers.0.feed_forward.w1.weight": torch.zeros(2, 2)}, not_adapter)
     for path, reason in ((garbage, "not a torch.save archive"), (truncated, "not a torch.save archive"),
                          (not_adapter, "expected train.py's {'config', 'state_dict'}")):
-        for main, extra in ((llama.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
+        for main, extra in ((llama.main, ["--prompt", "hi"]), (eval_cli.main, ev_argv)):
             msg = one_line_error(main, ["--ckpt_dir", setup["base"], "--adapter", path] + extra)
             assert msg.startswith(f"error: {path}: not an adapter file (") and reason in msg, msg
     nope = str(tmp_path / "nope")
