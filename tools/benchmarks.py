@@ -1,9 +1,11 @@
-"""The ten benchmarks' files -> scored items: where each task's data file is, how its rows read (JSONL, MMLU's
-CSVs, -labels.lst files, bad bytes and rows), and each task's prompt and choices as in EleutherAI's
-lm-evaluation-harness (one `format_*` per task; its docstring is the prompt). evaluate.py scores the items.
+"""The ten benchmarks' files -> items to score: where each task's data file is, how its rows read
+(JSONL, MMLU's CSVs, -labels.lst files, bad bytes and rows), and each task's prompt and choices as
+in EleutherAI's lm-evaluation-harness (one `format_*` per task; its docstring is the prompt).
+evaluate.py scores the items.
 
-An item is dict(context, choices, gold) (multiple choice), dict(contexts, continuation, gold) (WinoGrande),
-dict(context, continuation) (LAMBADA) or dict(context, answers) (NQ-open), plus "where" = "file:line".
+An item is dict(context, choices, gold) (multiple choice), dict(contexts, continuation, gold)
+(WinoGrande), dict(context, continuation) (LAMBADA) or dict(context, answers) (NQ-open), plus
+"where" = "file:line".
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from typing import Callable
 
 import data
 
-# data file(s) looked for in data_dir/<task>/, first match wins: official release name first, then the
-# Hugging Face split saved as JSONL. A "<stem>-labels.lst" next to the file supplies the labels.
+# data file(s) looked for in data_dir/<task>/, first match wins: official release name first, then
+# the Hugging Face split saved as JSONL. A "<stem>-labels.lst" next to the file supplies the labels.
 FILES = dict(
     piqa=["valid.jsonl", "dev.jsonl", "validation.jsonl"],
     siqa=["dev.jsonl", "validation.jsonl"],
@@ -36,7 +38,7 @@ FILES = dict(
 # task formats: one short function per benchmark, official row or Hugging Face row -> item
 
 def _label(value, n: int, base: int = 0) -> int:
-    """Integer label (int or digit string) counted from `base` -> index in 0..n-1, or a clear error."""
+    """Integer label (int or digit string) counted from `base` -> index in 0..n-1, or an error."""
     try:
         i = int(str(value).strip()) - base
     except ValueError:
@@ -47,29 +49,32 @@ def _label(value, n: int, base: int = 0) -> int:
 
 
 def _text(value, what: str) -> str:
-    """A text field of a row as it is (empty allowed: HellaSwag's ctx_b often is), or a clear error; so that a
-    null or a number is a bad row here, not the prompt "None" or a crash in the tokenizer."""
+    """A text field of a row as it is (empty allowed: HellaSwag's ctx_b often is), or a clear
+    error; so that a null or a number is a bad row here, not the prompt "None" or a crash in the
+    tokenizer."""
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, got {value!r:.40}")
     return value
 
 
 def check_item(item: dict) -> None:
-    """What the tokenizer will see: every prompt, choice and answer valid Unicode text (a file's bytes that are
-    not UTF-8 arrive as lone surrogates, see _raw_rows), and nothing scored empty."""
-    scored = list(item.get("choices", [])) + ([item["continuation"]] if "continuation" in item else [])
-    texts = scored + list(item.get("contexts", [])) + ([item["context"]] if "context" in item else [])
+    """What the tokenizer will see: every prompt, choice and answer valid Unicode text (a file's
+    bytes that are not UTF-8 arrive as lone surrogates, see _raw_rows), and nothing scored empty."""
+    scored = list(item.get("choices", [])) + ([item["continuation"]] if "continuation" in item
+                                              else [])
+    texts = scored + list(item.get("contexts", [])) + ([item["context"]] if "context" in item
+                                                       else [])
     for t in texts + list(item.get("answers", [])):
         if not data.is_unicode(_text(t, "every choice and prompt")):
-            raise ValueError(f"text {t[:30]!r} is not valid Unicode (bytes that are not UTF-8, or a lone "
-                             "surrogate escape)")
+            raise ValueError(f"text {t[:30]!r} is not valid Unicode (bytes that are not UTF-8, "
+                             "or a lone surrogate escape)")
     if any(not t.strip() for t in scored):
         raise ValueError("an empty choice or continuation (nothing to score)")
 
 
 def _keyed_choices(choices, answer_key) -> tuple[list[str], int]:
-    """ARC/OBQA choices: official [{"text", "label"}, ...] or HF {"text": [...], "label": [...]}; labels
-    are A-E or 1-5 and the gold is the position of answerKey among them."""
+    """ARC/OBQA choices: official [{"text", "label"}, ...] or HF {"text": [...], "label": [...]};
+    labels are A-E or 1-5 and the gold is the position of answerKey among them."""
     if isinstance(choices, dict):
         texts, labels = list(choices["text"]), [str(x) for x in choices["label"]]
     else:
@@ -81,30 +86,33 @@ def _keyed_choices(choices, answer_key) -> tuple[list[str], int]:
 
 
 def format_piqa(row: dict) -> dict:
-    """PIQA: "Question: {goal}\\nAnswer:" -> [sol1, sol2]; label 0/1 (valid-labels.lst or HF "label")."""
-    return dict(context=f"Question: {_text(row['goal'], 'goal')}\nAnswer:", choices=[row["sol1"], row["sol2"]],
-                gold=_label(row["label"], 2))
+    """PIQA: "Question: {goal}\\nAnswer:" -> [sol1, sol2]; label 0/1 (valid-labels.lst or HF)."""
+    return dict(context=f"Question: {_text(row['goal'], 'goal')}\nAnswer:",
+                choices=[row["sol1"], row["sol2"]], gold=_label(row["label"], 2))
 
 
 def format_siqa(row: dict) -> dict:
-    """SIQA: "Q: {context} {question}\\nA:" -> [answerA, answerB, answerC]; label 1..3 (both forms)."""
-    return dict(context=f"Q: {_text(row['context'], 'context')} {_text(row['question'], 'question')}\nA:",
-                choices=[row["answerA"], row["answerB"], row["answerC"]], gold=_label(row["label"], 3, base=1))
+    """SIQA: "Q: {context} {question}\\nA:" -> [answerA, answerB, answerC]; label 1..3."""
+    context, question = _text(row["context"], "context"), _text(row["question"], "question")
+    return dict(context=f"Q: {context} {question}\nA:",
+                choices=[row["answerA"], row["answerB"], row["answerC"]],
+                gold=_label(row["label"], 3, base=1))
 
 
 def format_winogrande(row: dict) -> dict:
-    """WinoGrande, partial scoring: contexts = sentence up to "_" with option1 / option2 filled in; the
-    shared continuation " {rest of the sentence}" is scored after each. answer "1"/"2"."""
+    """WinoGrande, partial scoring: contexts = sentence up to "_" with option1 / option2 filled in;
+    the shared continuation " {rest of the sentence}" is scored after each. answer "1"/"2"."""
     sentence = row["sentence"]
     if "_" not in sentence:
         raise ValueError(f"sentence has no '_' blank: {sentence!r}")
     cut = sentence.index("_")   # the first one, as the harness
     return dict(contexts=[sentence[:cut] + row["option1"], sentence[:cut] + row["option2"]],
-                continuation=sentence[cut + 1:].strip(), gold=_label(row.get("label", row.get("answer")), 2, base=1))
+                continuation=sentence[cut + 1:].strip(),
+                gold=_label(row.get("label", row.get("answer")), 2, base=1))
 
 
 def format_arc(row: dict) -> dict:
-    """ARC-Easy/Challenge: "Question: {question}\\nAnswer:" -> choice texts; gold = answerKey's position."""
+    """ARC-Easy/Challenge: "Question: {question}\\nAnswer:" -> choice texts; gold: answerKey's."""
     q = row["question"]
     stem, choices = (q["stem"], q["choices"]) if isinstance(q, dict) else (q, row["choices"])
     texts, gold = _keyed_choices(choices, row["answerKey"])
@@ -112,7 +120,7 @@ def format_arc(row: dict) -> dict:
 
 
 def format_openbookqa(row: dict) -> dict:
-    """OpenBookQA: "{question_stem}" -> choice texts (no prefix, no "Answer:"); gold = answerKey's position."""
+    """OpenBookQA: "{question_stem}" -> choice texts (no "Answer:"); gold: answerKey's position."""
     if "question_stem" in row:                     # Hugging Face
         stem, choices = row["question_stem"], row["choices"]
     else:                                          # official
@@ -122,7 +130,7 @@ def format_openbookqa(row: dict) -> dict:
 
 
 def hellaswag_preprocess(text: str) -> str:
-    """The harness's cleanup of WikiHow artefacts: " [title]" -> ". ", other [brackets] dropped, double spaces."""
+    """The harness's WikiHow cleanup: " [title]" -> ". ", other [brackets] out, "  " -> " "."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
@@ -131,22 +139,26 @@ def hellaswag_preprocess(text: str) -> str:
 def format_hellaswag(row: dict) -> dict:
     """HellaSwag: "{activity_label}: {ctx_a} {ctx_b capitalised}" -> endings, all through
     hellaswag_preprocess; label 0..3 (int in the official file, string in HF)."""
-    context = hellaswag_preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+    context = hellaswag_preprocess(row["activity_label"] + ": " + row["ctx_a"] + " "
+                                   + row["ctx_b"].capitalize())
     endings = row["endings"]
     return dict(context=context, choices=[hellaswag_preprocess(e) for e in endings],
                 gold=_label(row["label"], len(endings)))
 
 
 def mmlu_prompt(subject: str, question: str, choices: list[str]) -> str:
-    """MMLU 0-shot: "The following are multiple choice questions (with answers) about {subject}.\\n\\n
-    {question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:" (subject underscores -> spaces, question stripped)."""
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    return header + question.strip() + "".join(f"\n{k}. {c}" for k, c in zip("ABCD", choices)) + "\nAnswer:"
+    """MMLU 0-shot: "The following are multiple choice questions (with answers) about
+    {subject}.\\n\\n{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:" (subject underscores ->
+    spaces, question stripped)."""
+    subject = subject.replace("_", " ")
+    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    options = "".join(f"\n{k}. {c}" for k, c in zip("ABCD", choices))
+    return header + question.strip() + options + "\nAnswer:"
 
 
 def format_mmlu(row: dict) -> dict:
-    """MMLU: mmlu_prompt -> [" A", " B", " C", " D"]. Official headerless CSV (question, A, B, C, D, answer
-    letter) or HF row (question, subject, choices, answer 0..3 or letter)."""
+    """MMLU: mmlu_prompt -> [" A", " B", " C", " D"]. Official headerless CSV (question, A, B, C, D,
+    answer letter) or HF row (question, subject, choices, answer 0..3 or letter)."""
     if "fields" in row:                            # official CSV, subject from the file name
         f = row["fields"]
         if len(f) != 6:
@@ -160,12 +172,12 @@ def format_mmlu(row: dict) -> dict:
     if a.isalpha() and a not in ("A", "B", "C", "D"):
         raise ValueError(f"answer {answer!r} is not one of A, B, C, D")
     gold = "ABCD".index(a) if a.isalpha() else _label(a, 4)
-    return dict(context=mmlu_prompt(row["subject"], question, choices), choices=["A", "B", "C", "D"],
-                gold=gold, subject=row["subject"])
+    return dict(context=mmlu_prompt(row["subject"], question, choices),
+                choices=["A", "B", "C", "D"], gold=gold, subject=row["subject"])
 
 
 def format_lambada(row: dict) -> dict:
-    """LAMBADA (OpenAI): context = text without its last word (split on " "), continuation " {last word}"."""
+    """LAMBADA (OpenAI): context = text but its last word (split on " "), continuation " {word}"."""
     text = _text(row["text"], "text")
     if " " not in text:
         raise ValueError("text has no space: cannot split off the last word")
@@ -197,7 +209,7 @@ FORMATS: dict[str, Callable[[dict], dict]] = dict(
 # reading the files
 
 def find_data_file(task: str, folder: str) -> list[str]:
-    """The data file(s) of a task folder (FILES order), or FileNotFoundError naming what was expected."""
+    """The data file(s) of a task folder (FILES order), or FileNotFoundError naming the expected."""
     for pattern in FILES[task]:
         paths = sorted(glob.glob(os.path.join(folder, pattern)))
         if paths:
@@ -208,10 +220,11 @@ def find_data_file(task: str, folder: str) -> list[str]:
 def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None]]:
     """(where = "file:line", raw row: JSON text or dict, label from a -labels.lst file or None).
 
-    Files are decoded with errors="surrogateescape": a byte that is not UTF-8 does not stop the whole read
-    (with no line to name) but becomes a lone surrogate in its row, which check_item rejects as that row's.
-    A UTF-8 BOM (utf-8-sig) and CRLF line ends (Windows, Excel) read as the plain UTF-8, LF file would."""
-    if paths[0].endswith(".csv"):   # MMLU official: one headerless CSV per subject, fields may hold newlines
+    Files are decoded with errors="surrogateescape": a byte that is not UTF-8 does not stop the
+    whole read (with no line to name) but becomes a lone surrogate in its row, which check_item
+    rejects as that row's. A UTF-8 BOM (utf-8-sig) and CRLF line ends (Windows, Excel) read as the
+    plain UTF-8, LF file would."""
+    if paths[0].endswith(".csv"):   # MMLU: a headerless CSV per subject
         rows = []
         for path in paths:
             subject = os.path.basename(path)[: -len("_test.csv")]
@@ -221,19 +234,19 @@ def _raw_rows(task: str, paths: list[str]) -> list[tuple[str, object, str | None
                 while True:
                     try:
                         fields = next(reader, None)
-                    except csv.Error as e:   # a field over csv.field_size_limit(): that row is bad, read on
+                    except csv.Error as e:   # a field over csv.field_size_limit(): a bad row
                         rows.append((f"{path}:{line}", ValueError(f"CSV: {e}"), None))
                         line = reader.line_num + 1
                         continue
                     if fields is None:
                         break
-                    if any(x.strip() for x in fields):   # a CRLF file's line breaks inside quotes -> "\n"
+                    if any(x.strip() for x in fields):   # CRLF inside quotes -> "\n"
                         fields = [x.replace("\r\n", "\n") for x in fields]
                         rows.append((f"{path}:{line}", dict(subject=subject, fields=fields), None))
                     line = reader.line_num + 1
         return rows
     path = paths[0]
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:   # text mode: CRLF -> "\n"
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:   # text: CRLF -> "\n"
         rows = [(f"{path}:{k}", line, None) for k, line in enumerate(f, 1) if line.strip()]
     labels_path = path[: -len(".jsonl")] + "-labels.lst"
     if os.path.isfile(labels_path):
@@ -251,15 +264,18 @@ def _why(e: Exception) -> str:
     return f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
 
 
-def load_task(task: str, data_dir: str, limit: int | None = None, skip_bad: bool = False) -> tuple[list[dict], int]:
+def load_task(task: str, data_dir: str, limit: int | None = None,
+              skip_bad: bool = False) -> tuple[list[dict], int]:
     """Items of one task from data_dir/<task>/ -> (items, number of bad rows skipped).
 
-    A malformed row or an out-of-range label raises ValueError naming file and line, unless skip_bad.
-    limit: the first `limit` items (for MMLU the first `limit` of every subject, as the harness does).
+    A malformed row or an out-of-range label raises ValueError naming file and line, unless
+    skip_bad. limit: the first `limit` items (for MMLU the first `limit` of every subject, as the
+    harness does).
     """
     folder = os.path.join(data_dir, task)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no folder for task {task} (expected one of {FILES[task]} in it)")
+        raise FileNotFoundError(f"{folder}: no folder for task {task} "
+                                f"(expected one of {FILES[task]} in it)")
     items, bad = [], 0
     for where, raw, label in _raw_rows(task, find_data_file(task, folder)):
         try:
