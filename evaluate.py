@@ -1,4 +1,4 @@
-"""Zero-shot scoring of the paper's ten benchmarks (Table 1, Appendix B), lm-evaluation-harness way.
+"""Zero-shot scoring of the paper's ten benchmarks (Table 1, Appendix B), as lm-eval-harness does.
 
     python evaluate.py --ckpt_dir llama-2-7b --adapter out/adapter.pth --data_dir benchmarks \
         --out results.json
