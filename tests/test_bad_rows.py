@@ -10,6 +10,7 @@ import pytest
 import data
 import evaluate as ev
 import train
+from tools import eval_cli
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 NESTED = "[" * 5000 + "]" * 5000                      # valid JSON; json.loads overflows the recursion limit
@@ -47,7 +48,7 @@ def test_benchmark_line_refused_by_json_is_a_bad_row(tiny_ckpt, tmp_path, capsys
     path.write_text("\n".join([json.dumps(PIQA), bad, json.dumps(PIQA)]) + "\n")
     items, skipped = ev.load_task("piqa", str(tmp_path), skip_bad=True)
     assert len(items) == 2 and skipped == 1
-    code, err = run_main(ev.main, ["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "piqa",
+    code, err = run_main(eval_cli.main, ["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "piqa",
                                    "--out", str(tmp_path / "r.json")], capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {path}:2: bad piqa row") and why in err[0]
     assert not (tmp_path / "r.json").exists()
@@ -60,7 +61,7 @@ def test_csv_field_over_the_limit_is_a_bad_row(tiny_ckpt, tmp_path, capsys):
     path.write_text(f"Q1,a,b,c,d,A\n\"{huge}\",a,b,c,d,B\nQ3,a,b,c,d,C\n")
     items, skipped = ev.load_task("mmlu", str(tmp_path), skip_bad=True)
     assert [x["gold"] for x in items] == [0, 2] and skipped == 1 and items[1]["where"].endswith("_test.csv:3")
-    code, err = run_main(ev.main, ["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "mmlu",
+    code, err = run_main(eval_cli.main, ["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "mmlu",
                                    "--out", str(tmp_path / "r.json")], capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {path}:2: bad mmlu row: CSV: field larger")
 
@@ -74,7 +75,7 @@ def test_task_with_nothing_scored_is_absent_not_zero(tiny_ckpt, tmp_path, capsys
     (tmp_path / "winogrande").mkdir()
     (tmp_path / "winogrande" / "dev.jsonl").write_text(content)
     out = tmp_path / "r.json"
-    ev.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--out", str(out)] + flags)
+    eval_cli.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--out", str(out)] + flags)
     captured = capsys.readouterr()
     wg = json.loads(out.read_text())["tasks"]["winogrande"]
     assert wg["n"] == 0 and "acc" not in wg and wg["absent"].endswith(why) and "winogrande" in wg["absent"]

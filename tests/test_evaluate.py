@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import evaluate as ev
 from conftest import BENCHMARKS, STORIES
+from tools import benchmarks, eval_cli
 
 
 # -----------------------------------------------------------------------------
@@ -300,24 +301,24 @@ def test_limit_absent_table_and_score_multiple_choice(tmp_path):
 # prompts and normalisation, against hand-written strings
 
 def test_requests_of_each_format():
-    assert ev.choice_requests(ev.format_piqa(dict(goal="Open a jar.", sol1="Twist.", sol2="Cut.", label="1"))) == [
+    assert ev.choice_requests(benchmarks.format_piqa(dict(goal="Open a jar.", sol1="Twist.", sol2="Cut.", label="1"))) == [
         ("Question: Open a jar.\nAnswer:", " Twist."), ("Question: Open a jar.\nAnswer:", " Cut.")]
-    siqa = ev.format_siqa(dict(context="Ann ran.", question="Why?", answerA="a", answerB="b", answerC="c", label="3"))
+    siqa = benchmarks.format_siqa(dict(context="Ann ran.", question="Why?", answerA="a", answerB="b", answerC="c", label="3"))
     assert siqa["context"] == "Q: Ann ran. Why?\nA:" and siqa["gold"] == 2
-    arc = ev.format_arc(json.loads('{"question": {"stem": "Why?", "choices": [{"text": "x", "label": "1"}, '
+    arc = benchmarks.format_arc(json.loads('{"question": {"stem": "Why?", "choices": [{"text": "x", "label": "1"}, '
                                    '{"text": "y", "label": "2"}]}, "answerKey": "2"}'))
     assert (arc["context"], arc["choices"], arc["gold"]) == ("Question: Why?\nAnswer:", ["x", "y"], 1)
-    obqa = ev.format_openbookqa(dict(question_stem="Predators eat", choices=dict(text=["a", "b"], label=["A", "B"]),
+    obqa = benchmarks.format_openbookqa(dict(question_stem="Predators eat", choices=dict(text=["a", "b"], label=["A", "B"]),
                                      answerKey="B"))
     assert (obqa["context"], obqa["gold"]) == ("Predators eat", 1)
-    lam = ev.format_lambada(dict(text='He said "no.\n\nI know Shane'))
+    lam = benchmarks.format_lambada(dict(text='He said "no.\n\nI know Shane'))
     assert (lam["context"], lam["continuation"]) == ('He said "no.\n\nI know', " Shane")
-    assert ev.format_nq_open(dict(question="who wrote it", answer=["Bob"]))["context"] == \
+    assert benchmarks.format_nq_open(dict(question="who wrote it", answer=["Bob"]))["context"] == \
         "Answer these questions:\n\nQ: who wrote it?\nA:"
 
 
 def test_winogrande_partial_scoring():
-    item = ev.format_winogrande(dict(sentence="The trophy didn't fit in the suitcase because _ was too big.",
+    item = benchmarks.format_winogrande(dict(sentence="The trophy didn't fit in the suitcase because _ was too big.",
                                      option1="the trophy", option2="the suitcase", answer="1"))
     assert ev.choice_requests(item) == [
         ("The trophy didn't fit in the suitcase because the trophy", " was too big."),
@@ -328,14 +329,14 @@ def test_winogrande_partial_scoring():
 def test_hellaswag_cleanup():
     row = dict(activity_label="Home and Garden", ctx_a="[header] How to grow tomatoes [title] Pick a spot.",
                ctx_b="then Water them", endings=["[step] Dig  a hole.", "Wait [substeps] a day."], label=0)
-    item = ev.format_hellaswag(row)
+    item = benchmarks.format_hellaswag(row)
     assert item["context"] == "Home and Garden: How to grow tomatoes. Pick a spot. Then water them"
     # strip comes first, so removing a leading "[step]" leaves its space (as in the harness)
     assert item["choices"] == [" Dig a hole.", "Wait a day."]
 
 
 def test_mmlu_prompt():
-    item = ev.format_mmlu(dict(subject="high_school_chemistry", fields=["  What is H2O?\n", "salt", "water", "ice", "air", "B"]))
+    item = benchmarks.format_mmlu(dict(subject="high_school_chemistry", fields=["  What is H2O?\n", "salt", "water", "ice", "air", "B"]))
     assert item["context"] == ("The following are multiple choice questions (with answers) about high school chemistry."
                                "\n\nWhat is H2O?\nA. salt\nB. water\nC. ice\nD. air\nAnswer:")
     assert ev.choice_requests(item)[1] == (item["context"], " B") and item["gold"] == 1
@@ -458,7 +459,7 @@ def test_router_stats_mean_router(tmp_path, tiny_ckpt):
     assert sorted(res["piqa"]["router"]) == ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
     for weights in res["piqa"]["router"].values():
         assert weights == pytest.approx([0.25] * 4)   # the "mean" router: G = 1/N exactly
-    assert "expert  3 0.250" in ev.format_router_chart(res)
+    assert "expert  3 0.250" in eval_cli.format_router_chart(res)
     with pytest.raises(ValueError, match="no MoR/MoELoRA adapter"):
         ev.evaluate_tasks(llama.Transformer.from_checkpoint(tiny_ckpt), tok, ["piqa"], root, router_layer=-1)
 
@@ -466,7 +467,7 @@ def test_router_stats_mean_router(tmp_path, tiny_ckpt):
 def test_cli_writes_json(tmp_path, tiny_ckpt, capsys):
     root = make_data(str(tmp_path / "data"), "official")
     out = str(tmp_path / "r.json")
-    ev.main(["--ckpt_dir", tiny_ckpt, "--data_dir", root, "--tasks", "piqa,arc_c", "--max_seq_len", "64", "--out", out])
+    eval_cli.main(["--ckpt_dir", tiny_ckpt, "--data_dir", root, "--tasks", "piqa,arc_c", "--max_seq_len", "64", "--out", out])
     res = json.load(open(out))
     assert res["tasks"]["piqa"]["n"] == 3 and res["tasks"]["arc_challenge"]["n"] == 3
     assert set(res["reported"]) == {"piqa", "arc_challenge"} and res["wall_time_s"] >= 0
@@ -524,11 +525,11 @@ def test_cli_bad_input_is_one_line_error(tiny_ckpt, tmp_path, capsys):
     """A task named on the command line whose folder is missing, and a malformed row: `error: <file>: ...`
     and exit, no traceback."""
     with pytest.raises(SystemExit) as e:
-        ev.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "hellaswag"])
+        eval_cli.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "hellaswag"])
     assert re.fullmatch(r"error: .*hellaswag.*no folder for task hellaswag.*", str(e.value))
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\nnot json\n')
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
     with pytest.raises(SystemExit) as e:
-        ev.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "piqa"])
+        eval_cli.main(["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--tasks", "piqa"])
     assert str(e.value).startswith(f"error: {tmp_path / 'piqa' / 'valid.jsonl'}:2: ")

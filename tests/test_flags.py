@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import data
-import evaluate
 import train
 from conftest import ROOT
-from tools import chat, checks
+from tools import chat, checks, eval_cli
 
 
 @pytest.mark.parametrize("value,interval,inside", [
@@ -60,7 +59,7 @@ def test_train_flag_out_of_range(tiny_ckpt, sft, tmp_path, capsys, flags, named)
     (["--router_stats", "--router_layer", "-3"], "--router_layer")])   # the tiny model has 2 blocks
 def test_evaluate_flag_out_of_range(tiny_ckpt, tmp_path, capsys, flags, named):
     out = tmp_path / "results.json"
-    code, err = run_main(evaluate.main, ["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--out", str(out)]
+    code, err = run_main(eval_cli.main, ["--ckpt_dir", tiny_ckpt, "--data_dir", str(tmp_path), "--out", str(out)]
                          + flags, capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {named} must be in"), err
     assert not out.exists()
@@ -80,6 +79,7 @@ def test_every_numeric_flag_has_a_range():
     """train.py: every int/float field of TrainConfig; evaluate.py and llama.py (tools/chat.py): every int/float option."""
     numeric = {f.name for f in dataclasses.fields(train.TrainConfig) if f.type in (int, float, "int", "float")}
     assert numeric == set(checks.TRAIN)
-    for path, table in (("evaluate.py", {**checks.EVALUATE, "router_layer": None}), ("tools/chat.py", checks.LLAMA)):
+    for path, table in (("tools/eval_cli.py", {**checks.EVALUATE, "router_layer": None}),
+                        ("tools/chat.py", checks.LLAMA)):
         src = open(os.path.join(ROOT, path)).read()
         assert set(re.findall(r'add_argument\("--(\w+)", type=(?:int|float)', src)) == set(table), path

@@ -17,7 +17,7 @@ import mor
 from conftest import ROOT
 from test_evaluate import EXPECTED, STUBS, ByteTok, make_data, unigram_stub
 from tiny import TINY_PARAMS, write_checkpoint
-from tools import chat
+from tools import chat, eval_cli
 
 
 def snapshot(*roots) -> dict[str, bytes]:
@@ -93,7 +93,7 @@ def test_bad_params_json_is_one_line(tmp_path, setup, text, reason):
     where = os.path.join(ckpt, "params.json")
     msg = one_line_error(chat.main, ["--ckpt_dir", ckpt, "--prompt", "hi"])
     assert msg.startswith(f"error: {where}: ") and re.search(reason, msg), msg
-    msg = one_line_error(ev.main, ["--ckpt_dir", ckpt, "--data_dir", setup["data_dir"], "--tasks", "piqa",
+    msg = one_line_error(eval_cli.main, ["--ckpt_dir", ckpt, "--data_dir", setup["data_dir"], "--tasks", "piqa",
                                    "--out", setup["old"]])
     assert msg.startswith(f"error: {where}: ")
     assert snapshot(ckpt, setup["old"]) == before
@@ -139,10 +139,10 @@ def test_out_under_a_file_fails_before_scoring(tmp_path, setup, monkeypatch):
     before = snapshot(setup["old"])
     argv = ["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "piqa", "--out"]
     bad = os.path.join(setup["old"], "sub", "r.json")
-    msg = one_line_error(ev.main, argv + [bad])
+    msg = one_line_error(eval_cli.main, argv + [bad])
     assert msg == (f"error: {bad}: cannot write --out there: {setup['old']} is a file, not a folder; "
                    "choose another --out")
-    msg = one_line_error(ev.main, argv + [str(tmp_path)])
+    msg = one_line_error(eval_cli.main, argv + [str(tmp_path)])
     assert msg.startswith(f"error: {tmp_path}: --out is a folder; give a file name")
     assert snapshot(setup["old"]) == before
 
@@ -153,7 +153,7 @@ def test_adapter_run_folder_equals_its_file(tmp_path, setup):
     file = os.path.join(setup["run"], "adapter.pth")
     for name, adapter in (("folder", setup["run"]), ("file", file), ("base", None)):
         out = str(tmp_path / f"{name}.json")
-        ev.main(["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "lambada",
+        eval_cli.main(["--ckpt_dir", setup["base"], "--data_dir", setup["data_dir"], "--tasks", "lambada",
                  "--max_seq_len", "64", "--out", out] + (["--adapter", adapter] if adapter else []))
         res[name] = json.load(open(out))["tasks"]["lambada"]
     assert res["folder"]["perplexity"] == res["file"]["perplexity"] != res["base"]["perplexity"]
@@ -171,7 +171,7 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
     ev_argv = ["--data_dir", setup["data_dir"], "--tasks", "piqa", "--out", setup["old"]]
     # trained on the 2-layer base, loaded on a 3-layer one
     # (mor.load_adapter's message, exact in tests/test_mor.py; "(w1 32x96, ...)" follows each side)
-    for main, extra in ((chat.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
+    for main, extra in ((chat.main, ["--prompt", "hi"]), (eval_cli.main, ev_argv)):
         msg = one_line_error(main, ["--ckpt_dir", setup["deeper"], "--adapter", setup["run"]] + extra)
         assert msg.startswith(f"error: {adapter}: trained on dim 32 / 2 layers") and \
             ", this base is dim 32 / 3 layers" in msg, msg
@@ -189,7 +189,7 @@ def test_bad_adapters_are_one_line(tmp_path, setup):
     torch.save({"layers.0.feed_forward.w1.weight": torch.zeros(2, 2)}, not_adapter)
     for path, reason in ((garbage, "not a torch.save archive"), (truncated, "not a torch.save archive"),
                          (not_adapter, "{'config', 'state_dict'}")):
-        for main, extra in ((chat.main, ["--prompt", "hi"]), (ev.main, ev_argv)):
+        for main, extra in ((chat.main, ["--prompt", "hi"]), (eval_cli.main, ev_argv)):
             msg = one_line_error(main, ["--ckpt_dir", setup["base"], "--adapter", path] + extra)
             assert msg.startswith(f"error: {path}: not an adapter file (") and reason in msg, msg
     nope = str(tmp_path / "nope")
