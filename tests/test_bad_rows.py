@@ -10,22 +10,13 @@ import pytest
 import data
 import evaluate as ev
 import train
+from test_flags import run_main   # (exit code, stderr lines) of a command line's main()
 from tools import eval_cli
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 NESTED = "[" * 5000 + "]" * 5000                      # valid JSON; json.loads overflows the recursion limit
 BIG_INT = '{"prompt": "x", "completion": "y", "n": ' + "9" * 5000 + "}"   # int() takes at most 4300 digits
 PIQA = {"goal": "Open a jar.", "sol1": "Twist.", "sol2": "Cut.", "label": 0}
-
-
-def run_main(main, argv, capsys) -> tuple[int, list[str]]:
-    """(exit code, stderr lines) of a command line's main(); sys.exit("text") exits 1 and prints the text."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    code, err = e.value.code, capsys.readouterr().err
-    if isinstance(code, str):
-        code, err = 1, err + code + "\n"
-    return code, err.strip().splitlines()
 
 
 @pytest.mark.parametrize("bad,why", [(NESTED, "nested deeper"), (BIG_INT, "4300 digits")])
