@@ -462,15 +462,6 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return layer._cache[1]
 
 
-def decode_state(model: nn.Module) -> tuple:
-    """Per MoRLinear, the eval cache's generation (bumped by each rebuild, train(), eval(), .to())
-    and whether its parameters are unchanged. A CUDA graph captured over the cache replays it by
-    address: replay it only while this equals its value right after the capture."""
-    return tuple((m.generation, m._cache is not None and
-                  m._cache[0] == weights_key(m, m._cache[0][0]))
-                 for _, m in adapter_layers(model) if isinstance(m, MoRLinear))
-
-
 class StackedMixture(torch.autograd.Function):
     """(z, G, B̃) for `MoRLinear.forward` as one autograd node, by hand because plain autograd
     runs ~2.4× LoRA's kernels (a node and a GPU launch per small op) and keeps drop(x) and B̃'s
@@ -706,12 +697,6 @@ def balance_loss(model: nn.Module) -> torch.Tensor:
         return torch.stack(losses).sum()
     p = next(model.parameters(), None)
     return torch.zeros((), device=p.device if p is not None else None)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; works on the meta device."""
-    ps = list(model.parameters())
-    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
 
 if __name__ == "__main__":
