@@ -71,6 +71,9 @@ class AdapterLinear(nn.Module):
 
     def merge(self, merge: bool = True) -> None:
         """Fold ΔW into W: the layer then costs exactly a plain nn.Linear (unmerge undoes it)."""
+        if hasattr(self, "router_kind"):  # MoR, MoELoRA (for MoR the paper's stated limitation)
+            raise RuntimeError(f"{type(self).__name__} cannot be merged into W: the router weights "
+                               "G(x) depend on each input. In eval mode MoR caches B̃.")
         if self.merged == merge:
             raise RuntimeError(f"adapter is {'already' if merge else 'not'} merged")
         with torch.no_grad():
@@ -82,41 +85,38 @@ class AdapterLinear(nn.Module):
 
     def fold(self, merge: bool) -> None:
         """W ← W ± ΔW, in at least fp32, rounded once to W's dtype (exact up to that rounding)."""
-        w = self.base.weight
-        dt = torch.promote_types(w.dtype, torch.float32)
-        delta = self.delta_weight().to(dt)
-        w.copy_((w.to(dt) + delta if merge else w.to(dt) - delta).to(w.dtype))
+        w, dt = self.base.weight, self.factory()["dtype"]
+        w.copy_((w.to(dt) + (1 if merge else -1) * self.delta_weight().to(dt)).to(w.dtype))
 
-    def check_not_merged(self) -> None:
-        # a merged layer in training mode would silently train nothing
+    def check_merged(self) -> bool:
+        """Whether forward is the base alone; merged in training mode (it would silently train
+        nothing) raises."""
         if self.merged and self.training:
             raise RuntimeError(f"{type(self).__name__} is merged: call unmerge() before training")
+        return self.merged
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
-def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float,
-               shape: tuple) -> torch.Tensor:
-    """out += scale · z upᵀ in place (addmm_, beta = 1), viewed as `shape`. out (tokens × d_out) is
-    a fresh matrix the caller owns, not a view (nn.Linear's backward does not need it); out of
-    place, addmm would first copy it: more traffic than the rank-k GEMM itself."""
+def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float, shape: tuple):
+    """out += scale · z upᵀ in place, viewed as `shape`. out (tokens × d_out) is the caller's
+    (nn.Linear's backward does not need it): out of place, addmm would copy it, more traffic
+    than the rank-k GEMM itself."""
     return out.addmm_(z, up.t(), alpha=scale).view(shape)
 
 
 def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
-    """Switch-Transformer balance loss N · Σ_i f_i · P_i (Table 4, "balanced router") of router
-    probabilities G (tokens × N): f_i the fraction of tokens whose argmax is i (no gradient), P_i
-    i's mean probability. 1 for uniform routing (ties go to expert 0), more as it concentrates."""
+    """Switch-Transformer balance loss N · Σ_i f_i · P_i (Table 4, "balanced router"): f_i the
+    share of tokens whose argmax is i, P_i i's mean probability; 1 if uniform, more as it peaks."""
     N = G.shape[-1]
     f = F.one_hot(G.argmax(-1), N).to(G.dtype).mean(0)
     return N * (f * G.mean(0)).sum()
 
 
-def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor,
-         dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Router weights G(x) (tokens × N, eq. 11) in `dtype` (default fp32; fp64 for fp64 x):
-    softmax(W_r x) of the logits (router "learned" / "balanced"), or 1/N for "mean" (logits None)."""
+def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor, dtype=None):
+    """G(x) = softmax(W_r x) (eq. 11, tokens × N), or 1/N where logits is None (router "mean"), in
+    `dtype` (default fp32; fp64 for fp64 x)."""
     dt = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     if logits is None:
         return torch.full((x.shape[0], num_experts), 1.0 / num_experts, device=x.device, dtype=dt)
@@ -124,9 +124,8 @@ def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor,
 
 
 def note_routing(layer: nn.Module, G: torch.Tensor) -> None:
-    """What a layer keeps of G: this forward's balance loss as layer.aux_loss (router "balanced",
-    training; read it before the next forward or CUDA-graph replay overwrites it), and Fig. 7's
-    running sums router_sum / router_count when layer.record_router."""
+    """Keep this forward's balance loss as layer.aux_loss (router "balanced", training: read it
+    before the next forward), and Fig. 7's sums router_sum / router_count if layer.record_router."""
     aux = balance_aux_loss(G) if layer.router_kind == "balanced" and layer.training else None
     if aux is not None or layer.aux_loss is not None:  # Module.__setattr__ is slow: skip None->None
         layer.aux_loss = aux
@@ -147,8 +146,7 @@ def init_router(layer: nn.Module, router: str, num_experts: int, fk: dict) -> No
         nn.Linear(layer.in_features, num_experts, bias=False, **fk)
     layer.aux_loss, layer.record_router, dev = None, False, fk["device"]
     layer.register_buffer("router_sum", torch.zeros(num_experts, device=dev), persistent=False)
-    layer.register_buffer("router_count", torch.zeros((), dtype=torch.int64, device=dev),
-                          persistent=False)
+    layer.register_buffer("router_count", torch.zeros((), dtype=torch.long, device=dev), False)
 
 
 # -----------------------------------------------------------------------------
@@ -174,8 +172,7 @@ class LoRALinear(AdapterLinear):
         return self.scale * self.up() @ self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_not_merged()
-        if self.merged:
+        if self.check_merged():
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)  # tokens × d_in: a base output add_update can own
         out = self.base(x2)
@@ -185,10 +182,10 @@ class LoRALinear(AdapterLinear):
 
 
 class DoRALinear(LoRALinear):
-    """DoRA (Liu et al. 2024), HF PEFT numerics: o = m / ‖W + s·B A‖_row ⊙ (W x + s·B A x) + b,
-    s = α/r, the norm detached (DoRA §4.3), m (d_out) the `magnitude`, initially ‖W‖_row (the base
-    at step 0). With dropout, as PEFT: o = W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s·B A drop(x),
-    g = m/‖W + s·BA‖, which builds W + s·BA each forward: the slow baseline. Trainable:
+    """DoRA (Liu et al. 2024), HF PEFT numerics: o = g ⊙ (W x + s·BA x) + b, s = α/r,
+    g = m / ‖W + s·BA‖_row, the norm detached (§4.3), m the `magnitude` (init ‖W‖_row:
+    the base at step 0). With dropout, as PEFT: o = W x + b + (g - 1) ⊙ W drop(x)
+    + g ⊙ s·BA drop(x). Builds W + s·BA each forward: the slow baseline. Trainable:
     r(d_in + d_out) + d_out = 2dr + d (Table 2). Mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
@@ -206,8 +203,7 @@ class DoRALinear(LoRALinear):
             return torch.linalg.vector_norm(w, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_not_merged()
-        if self.merged:
+        if self.check_merged():
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
@@ -252,11 +248,10 @@ class MoSLoRALinear(LoRALinear):
 
 
 class MoELoRALinear(AdapterLinear):
-    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x), N experts:
-    lora_A (N×r×d_in, PEFT's init each), lora_B (N×d_out×r, zeros), router W_r (N×d_in) on the
-    undropped x. Run like MoR as one rank-N·r LoRA: z = (G ⊗ 1_r) ⊙ ([A_1;…;A_N] x), ΔW x =
-    (α/r) [B_1 … B_N] z. Trainable: N r(d_in + d_out) + N d_in = 2Ndr + Nd (Table 2, the router
-    counted with d_in). Not mergeable: G depends on x."""
+    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x):
+    lora_A (N×r×d_in), lora_B (N×d_out×r, zeros), router W_r on the undropped x. Run
+    like MoR as one rank-N·r LoRA: ΔW x = (α/r) [B_1 … B_N] ((G ⊗ 1_r) ⊙ [A_1;…;A_N] x).
+    Trainable: N r(d_in + d_out) + N d_in = 2Ndr + Nd (Table 2). Not mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 2,
                  dropout: float = 0.05, router: str = "learned"):
@@ -267,10 +262,6 @@ class MoELoRALinear(AdapterLinear):
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, **fk))
         for A in self.lora_A:  # per expert, so the fan-in is d_in (not r·d_in of the 3-d tensor)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-
-    def merge(self, merge: bool = True) -> None:
-        raise RuntimeError("MoELoRA cannot be merged into W: the router weights G(x) depend on "
-                           "each input")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, r = self.num_experts, self.r
@@ -323,10 +314,6 @@ class MoRLinear(AdapterLinear):
     def direction(self, i: int) -> torch.Tensor:
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix (N = 1: eq. 9)."""
         return self.scale * (self.omega_B[i][:, None] * self.lora_B * self.omega_A[i]) @ self.lora_A
-
-    def merge(self, merge: bool = True) -> None:
-        raise RuntimeError("MoR cannot be merged into W: the router weights G(x) depend on each "
-                           "input (the paper's stated limitation). In eval mode it caches B̃.")
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """MoR as the paper writes it (eqs. 10–13), one expert at a time: `forward`'s definition."""
@@ -699,8 +686,7 @@ def balance_loss(model: nn.Module) -> torch.Tensor:
     return torch.zeros((), device=p.device if p is not None else None)
 
 
-if __name__ == "__main__":
-    # Table 2's command line lives in the project's tools/, so that this file can be copied alone
+if __name__ == "__main__":  # Table 2's command line is in tools/, so this file copies alone
     try:
         from tools.table2 import main
     except ModuleNotFoundError as e:
