@@ -37,8 +37,7 @@ import torch.nn.functional as F
 ROUTERS = ("learned", "mean", "balanced")
 
 
-# -----------------------------------------------------------------------------
-# shared pieces
+# --- shared pieces ------------------------------------------------------------
 
 class AdapterLinear(nn.Module):
     """eq. 13: o = W x + ΔW x. The frozen nn.Linear (W and its bias) stays as `.base` (state-dict
@@ -149,8 +148,7 @@ def init_router(layer: nn.Module, router: str, num_experts: int, fk: dict) -> No
     layer.register_buffer("router_count", torch.zeros((), dtype=torch.long, device=dev), False)
 
 
-# -----------------------------------------------------------------------------
-# baselines (Table 1)
+# --- baselines (Table 1) ------------------------------------------------------
 
 class LoRALinear(AdapterLinear):
     """LoRA (Hu et al.), HF PEFT numerics: o = W x + b + (α/r) · B A drop(x). A (r×d_in)
@@ -278,8 +276,7 @@ class MoELoRALinear(AdapterLinear):
         return add_update(out, z, up, self.scale, (*x.shape[:-1], self.out_features))
 
 
-# -----------------------------------------------------------------------------
-# MoR
+# --- MoR ----------------------------------------------------------------------
 
 class MoRLinear(AdapterLinear):
     """Mixture of Ranks (§3): one shared LoRA (A, B) seen through N learned diagonal scalings.
@@ -290,12 +287,10 @@ class MoRLinear(AdapterLinear):
 
         o = W x + (α/r) Σ_i G_i(x) · Ω_B[i] ⊙ (B (Ω_A[i] ⊙ (A · drop(x))))       (eqs. 11–13)
 
-    Parameters (the paper's names): lora_A (r×d_in), lora_B (d_out×r), omega_A (N×r), omega_B
-    (N×d_out), router W_r = nn.Linear(d_in, N, bias=False) (none for "mean"); trainable
-    2dr + N(2d + r). Init (Table 2: A, R random, B = 0): A as PEFT's, B = 0, Ω_A = Ω_B = 1, so at
-    step 0 the layer is the base and every expert the same LoRA. (The paper leaves Ω's init open;
-    Ω_B = 0 with B = 0 would keep ∂L/∂B ∝ Ω_B and ∂L/∂Ω_B ∝ B at 0.) Not mergeable: G depends on x.
-    """
+    lora_A (r×d_in), lora_B (d_out×r), omega_A (N×r), omega_B (N×d_out), router W_r (none for
+    "mean"); trainable 2dr + N(2d + r). Init (Table 2: A, R random, B = 0): A as PEFT's, B = 0,
+    Ω_A = Ω_B = 1: at step 0 the base, every expert the same LoRA (the paper leaves Ω's init
+    open; Ω_B = 0 with B = 0 would keep ∂L/∂B ∝ Ω_B and ∂L/∂Ω_B ∝ B at 0). Not mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 8,
                  dropout: float = 0.05, router: str = "learned"):
@@ -361,8 +356,7 @@ class MoRLinear(AdapterLinear):
         return super()._apply(fn, *args, **kwargs)
 
 
-# -----------------------------------------------------------------------------
-# fast path: the same math as `reference`
+# --- fast path: the same math as `reference` ----------------------------------
 #
 # eq. 15 is a LoRA of rank N·r with tied factors. With codes z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r} and
 # B̃ = [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r}, the sum over experts is one GEMM:
@@ -400,10 +394,9 @@ def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def stacked_codes(x: torch.Tensor, down: torch.Tensor, r: int, num_experts: int, scale: float,
                   p: float = 0.0) -> tuple[torch.Tensor, ...]:
-    """(z, G, A drop(x), dropout mask) from [A; W_r]: G of eq. 11 and z = (α/r) G ⊗ (A x)
-    (tokens × N·r, eq. 15), in x's dtype. A x and W_r x are one GEMM without dropout; with it the
-    router reads the undropped x, and the mask is F.dropout's own (native_dropout), as in
-    `reference`."""
+    """(z, G, A drop(x), dropout mask) from [A; W_r]: G of eq. 11, z = (α/r) G ⊗ (A x) (eq. 15)
+    in x's dtype. One GEMM without dropout; with it the router reads the undropped x, and the
+    mask is F.dropout's own (native_dropout), as in `reference`."""
     routed, keep = down.shape[0] > r, None
     if p > 0:
         h, keep = torch.native_dropout(x, p, True)
@@ -416,9 +409,8 @@ def stacked_codes(x: torch.Tensor, down: torch.Tensor, r: int, num_experts: int,
 
 
 def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """∂logits = G ⊙ (g − Σ_k G_k g_k) (G = softmax, g = ∂G): torch's own kernel (fp32 inside)
-    where it exists, since written out in bf16 the router's gradient was 1.2–1.4 × further from
-    fp64 (docs/performance.md); the written-out form serves a torch without it."""
+    """∂logits = G ⊙ (g − Σ_k G_k g_k) (G = softmax, g = ∂G): torch's kernel (fp32 inside) if it
+    exists, as written out in bf16 the gradient is 1.2–1.4× further from fp64 (docs/performance.md)."""
     own = getattr(torch, "_softmax_backward_data", None)
     if own is None:
         return G * (g - (G * g).sum(-1, keepdim=True))
@@ -426,9 +418,9 @@ def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 def weights_key(layer: MoRLinear, dtype: torch.dtype) -> tuple | None:
-    """The eval cache's key: dtype and each parameter's version counter (bumped by in-place updates
-    such as an optimizer step; not by `.data`: call eval() after such an update), data pointer
-    and dtype. None under torch.inference_mode() (no counter: no cache)."""
+    """The eval cache's key: dtype, each parameter's version (bumped by in-place updates such as
+    an optimizer step, not by `.data` writes: call eval() after one), address and dtype. None for
+    inference tensors (no version counter: no cache)."""
     params = [layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B]
     params += [layer.router.weight] if layer.router is not None else []
     if any(p.is_inference() for p in params):
@@ -437,8 +429,7 @@ def weights_key(layer: MoRLinear, dtype: torch.dtype) -> tuple | None:
 
 
 def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """([A; W_r], B̃) for eval with gradients off, rebuilt when `weights_key` changes; dropped by
-    train(), eval() and .to()."""
+    """([A; W_r], B̃) for eval without gradients, rebuilt when `weights_key` changes."""
     key, W_r = weights_key(layer, dtype), layer.router.weight if layer.router is not None else None
     if key is None or layer._cache is None or layer._cache[0] != key:
         built = (down_factors(layer.lora_A, W_r, dtype),
@@ -450,10 +441,9 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 class StackedMixture(torch.autograd.Function):
-    """(z, G, B̃) for `MoRLinear.forward` as one autograd node, by hand because plain autograd
-    runs ~2.4× LoRA's kernels (a node and a GPU launch per small op) and keeps drop(x) and B̃'s
-    fp32 intermediate. This keeps x, the 1-byte dropout mask, A x, G and [A; W_r] in the compute
-    dtype and recomputes the rest; dropout's backward is written out (x ⊙ mask, 1/(1-p) in ∂a)."""
+    """(z, G, B̃) for `MoRLinear.forward` as one autograd node: plain autograd runs ~2.4× LoRA's
+    kernels and keeps drop(x) and B̃'s fp32 intermediate. This saves x, the 1-byte dropout mask,
+    A x, G and [A; W_r] in the compute dtype and recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
@@ -506,8 +496,7 @@ class StackedMixture(torch.autograd.Function):
             return gx, gA, gW, gB, gOA, gOB, None, None
 
 
-# -----------------------------------------------------------------------------
-# model-level helpers and the adapter file
+# --- model-level helpers and the adapter file ---------------------------------
 
 METHODS = {"lora": LoRALinear, "dora": DoRALinear, "moslora": MoSLoRALinear,
            "moelora": MoELoRALinear, "mor": MoRLinear}
@@ -686,8 +675,8 @@ def balance_loss(model: nn.Module) -> torch.Tensor:
     return torch.zeros((), device=p.device if p is not None else None)
 
 
-if __name__ == "__main__":  # Table 2's command line is in tools/, so this file copies alone
-    try:
+if __name__ == "__main__":
+    try:  # Table 2's command line lives in the project's tools/, so that this file copies alone
         from tools.table2 import main
     except ModuleNotFoundError as e:
         if e.name not in ("tools", "tools.table2"):
