@@ -88,21 +88,13 @@ class AdapterLinear(nn.Module):
         w.copy_((w.to(dt) + (1 if merge else -1) * self.delta_weight().to(dt)).to(w.dtype))
 
     def check_merged(self) -> bool:
-        """Whether forward is the base alone; merged in training mode (it would silently train
-        nothing) raises."""
+        """Whether forward is the base alone; raises in training mode (it would train nothing)."""
         if self.merged and self.training:
             raise RuntimeError(f"{type(self).__name__} is merged: call unmerge() before training")
         return self.merged
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
-
-
-def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float, shape: tuple):
-    """out += scale · z upᵀ in place, viewed as `shape`. out (tokens × d_out) is the caller's
-    (nn.Linear's backward does not need it): out of place, addmm would copy it, more traffic
-    than the rank-k GEMM itself."""
-    return out.addmm_(z, up.t(), alpha=scale).view(shape)
 
 
 def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
@@ -172,11 +164,14 @@ class LoRALinear(AdapterLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.check_merged():
             return self.base(x)
-        x2 = x.reshape(-1, self.in_features)  # tokens × d_in: a base output add_update can own
+        x2 = x.reshape(-1, self.in_features)  # tokens × d_in
         out = self.base(x2)
         dt = out.dtype  # the compute dtype (module doc)
         a = F.linear(self.dropout(x2.to(dt)), self.lora_A.to(dt))
-        return add_update(out, a, self.up().to(dt), self.scale, (*x.shape[:-1], self.out_features))
+        # out += s·a upᵀ in place: out is ours (nn.Linear's backward does not keep it), and out of
+        # place addmm would first copy it, more traffic than the rank-r GEMM itself
+        out = out.addmm_(a, self.up().to(dt).t(), alpha=self.scale)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class DoRALinear(LoRALinear):
@@ -205,19 +200,16 @@ class DoRALinear(LoRALinear):
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
-        dt = out.dtype
-        g = self.magnitude / self.weight_norm()  # (d_out,)
-        if self.dropout_active():
-            h = self.dropout(x2.to(dt))
-            wx = F.linear(h, self.base.weight)
-        else:
-            h = x2.to(dt)
-            wx = out if self.base.bias is None else out - self.base.bias.to(dt)
+        dt, g = out.dtype, self.magnitude / self.weight_norm()  # g: (d_out,)
+        h = self.dropout(x2.to(dt))  # W h: with dropout its own GEMM (PEFT's), else out less b
+        wx = F.linear(h, self.base.weight) if self.dropout_active() else \
+            out if self.base.bias is None else out - self.base.bias.to(dt)
         a = F.linear(h, self.lora_A.to(dt))
         # g - 1 before rounding to dt: g is ~1, where bf16's step (2^-8) would swallow a change;
         # g ⊙ s·B A h = s · (diag(g) B) A h: g folded into B (d_out×r), not into tokens × d_out
-        return add_update(out + (g - 1).to(dt) * wx, a, (g[:, None] * self.lora_B).to(dt),
-                          self.scale, (*x.shape[:-1], self.out_features))
+        out = (out + (g - 1).to(dt) * wx).addmm_(a, (g[:, None] * self.lora_B).to(dt).t(),
+                                                 alpha=self.scale)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def fold(self, merge: bool) -> None:
         """W ← g ⊙ (W + s·BA) row-wise, and back; the bias is outside DoRA's magnitude."""
@@ -273,7 +265,7 @@ class MoELoRALinear(AdapterLinear):
         note_routing(self, G)
         z = (G.to(dt)[:, :, None] * a.reshape(-1, N, r)).reshape(-1, N * r)
         up = self.lora_B.permute(1, 0, 2).reshape(self.out_features, N * r).to(dt)  # [B_1 … B_N]
-        return add_update(out, z, up, self.scale, (*x.shape[:-1], self.out_features))
+        return out.addmm_(z, up.t(), alpha=self.scale).view(*x.shape[:-1], self.out_features)
 
 
 # --- MoR ----------------------------------------------------------------------
@@ -329,7 +321,7 @@ class MoRLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same numbers as `reference`, as one rank-N·r GEMM (eq. 15, Fig. 3: "fast path" below)."""
-        x2, dev = x.reshape(-1, self.in_features), x.device.type  # a base output add_update owns
+        x2, dev = x.reshape(-1, self.in_features), x.device.type
         if torch.is_autocast_enabled(dev) and x2.dtype != torch.float64:  # autocast's cast of x,
             x2 = x2.to(torch.get_autocast_dtype(dev))  # once for the base and the adapter
         out = self.base(x2)  # eq. 13: W x (+ bias), frozen
@@ -345,7 +337,7 @@ class MoRLinear(AdapterLinear):
                                             self.omega_B, p, self.scale)
         note_routing(self, G)
         # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z, added into W x by one GEMM (α/r is in z)
-        return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
+        return out.addmm_(z, up.t()).view(*x.shape[:-1], self.out_features)
 
     def train(self, mode: bool = True) -> MoRLinear:  # (eval() too) drops the eval cache
         self._cache, self.generation = None, self.generation + 1
