@@ -18,10 +18,9 @@ Where the equations of §3 live:
     Table 2    python mor.py --params params.json (in the project: tools/table2.py)
     Table 4    MoRLinear(router="learned" | "mean" | "balanced")
 
-Dtypes: adapter parameters are fp32 (or the base's dtype if wider), the optimizer's master
-weights; the frozen base may be bf16. An adapter computes in its base output's dtype (x's, or
-autocast's: x is cast once, as autocast would): the small r×d factors are cast down to it, the
-tokens×d activations never up. Gradients flow through the casts to the fp32 parameters.
+Dtypes: adapter parameters are fp32 master weights (or the base's dtype if wider); the frozen
+base may be bf16. An adapter computes in its base output's dtype (x's, or autocast's: x is cast
+once): the small r×d factors are cast down to it, the tokens×d activations never up.
 """
 from __future__ import annotations
 
@@ -82,11 +81,6 @@ class AdapterLinear(nn.Module):
     def unmerge(self) -> None:
         self.merge(False)
 
-    def fold(self, merge: bool) -> None:
-        """W ← W ± ΔW, in at least fp32, rounded once to W's dtype (exact up to that rounding)."""
-        w, dt = self.base.weight, self.factory()["dtype"]
-        w.copy_((w.to(dt) + (1 if merge else -1) * self.delta_weight().to(dt)).to(w.dtype))
-
     def check_merged(self) -> bool:
         """Whether forward is the base alone; raises in training mode (it would train nothing)."""
         if self.merged and self.training:
@@ -95,14 +89,6 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
-
-
-def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
-    """Switch-Transformer balance loss N · Σ_i f_i · P_i (Table 4, "balanced router"): f_i the
-    share of tokens whose argmax is i, P_i i's mean probability; 1 if uniform, more as it peaks."""
-    N = G.shape[-1]
-    f = F.one_hot(G.argmax(-1), N).to(G.dtype).mean(0)
-    return N * (f * G.mean(0)).sum()
 
 
 def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor, dtype=None):
@@ -117,7 +103,10 @@ def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor, dtype=N
 def note_routing(layer: nn.Module, G: torch.Tensor) -> None:
     """Keep this forward's balance loss as layer.aux_loss (router "balanced", training: read it
     before the next forward), and Fig. 7's sums router_sum / router_count if layer.record_router."""
-    aux = balance_aux_loss(G) if layer.router_kind == "balanced" and layer.training else None
+    aux, N = None, G.shape[-1]
+    if layer.router_kind == "balanced" and layer.training:  # Switch Transformer's N Σ_i f_i P_i:
+        f = F.one_hot(G.argmax(-1), N).to(G.dtype).mean(0)  # f_i: share of argmax i; P_i: mean G_i
+        aux = N * (f * G.mean(0)).sum()  # 1 if uniform, more as routing concentrates (Table 4)
     if aux is not None or layer.aux_loss is not None:  # Module.__setattr__ is slow: skip None->None
         layer.aux_loss = aux
     if layer.record_router:
@@ -158,8 +147,11 @@ class LoRALinear(AdapterLinear):
         """The d_out×r factor applied after A: B (MoSLoRA: B M)."""
         return self.lora_B
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.up() @ self.lora_A
+    def fold(self, merge: bool) -> None:
+        """W ← W ± (α/r) B A in at least fp32, rounded once to W's dtype (exact up to that)."""
+        w, dt = self.base.weight, self.factory()["dtype"]
+        delta = (self.scale * self.up() @ self.lora_A).to(dt)
+        w.copy_((w.to(dt) + (1 if merge else -1) * delta).to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.check_merged():
@@ -270,7 +262,7 @@ class MoELoRALinear(AdapterLinear):
 
 # --- MoR ----------------------------------------------------------------------
 
-class MoRLinear(AdapterLinear):
+class MoRLinear(LoRALinear):
     """Mixture of Ranks (§3): one shared LoRA (A, B) seen through N learned diagonal scalings.
 
     eq. 6: a transformed LoRA Λ_B B Λ_Bᵀ Λ_A A Λ_Aᵀ reaches a higher-rank subspace; absorbing Λ_Bᵀ
@@ -286,11 +278,8 @@ class MoRLinear(AdapterLinear):
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 8,
                  dropout: float = 0.05, router: str = "learned"):
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
         fk = self.factory()
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **fk))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's: U(±1/√d_in)
         # eqs. 7, 8: Λ_A = diag(λ_A) (r×r), Λ_B = diag(λ_B) (d_out×d_out), kept as diagonals;
         # eq. 14: the N experts' λ_A, λ_B stacked as rows: Ω_A ∈ R^{N×r}, Ω_B ∈ R^{N×d_out}
         self.omega_A = nn.Parameter(torch.ones(num_experts, r, **fk))
@@ -308,8 +297,7 @@ class MoRLinear(AdapterLinear):
         out = self.base(x2)  # eq. 13: W x (+ b), frozen
         dt = out.dtype  # adapters compute in the base output's dtype (module doc)
         x2 = x2.to(dt)
-        A, B = self.lora_A.to(dt), self.lora_B.to(dt)
-        om_A, om_B = self.omega_A.to(dt), self.omega_B.to(dt)
+        A, B, om_A, om_B = (p.to(dt) for p in (self.lora_A, self.lora_B, self.omega_A, self.omega_B))
         h = self.dropout(x2)  # drop(x): the adapter's input only, not the router's
         logits = F.linear(x2, self.router.weight.to(dt)) if self.router is not None else None
         G = gate(logits, self.num_experts, x2)  # eq. 11: G(x) = softmax(W_r x), (tokens, N)
@@ -349,7 +337,6 @@ class MoRLinear(AdapterLinear):
 
 
 # --- fast path: the same math as `reference` ----------------------------------
-#
 # eq. 15 is a LoRA of rank N·r with tied factors. With codes z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r} and
 # B̃ = [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r}, the sum over experts is one GEMM:
 # (α/r) Σ_i G_i D_i x = B̃ z. MoR then costs A x and W_r x (one GEMM without dropout), an outer
@@ -439,8 +426,7 @@ class StackedMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
-        dt = x.dtype
-        down = down_factors(A, W_r, dt)
+        dt, down = x.dtype, down_factors(A, W_r, x.dtype)
         z, G, a, keep = stacked_codes(x, down, A.shape[0], omega_A.shape[0], scale, p)
         ctx.save_for_backward(x, keep, a, G, down, B, omega_A, omega_B)
         ctx.p, ctx.scale, ctx.router, ctx.master = p, scale, W_r is not None, A.dtype
@@ -504,10 +490,9 @@ def targeted(name: str, targets) -> bool:
 
 
 def add_adapters(model: nn.Module, method: str, targets=("w1", "w2", "w3"), **hyper) -> list[str]:
-    """Replace every nn.Linear a target names by `method`'s adapter layer; freeze all else. Sets
-    model.adapter_config = {"method", "targets", **hyper with the layer's defaults filled in} (what
-    save_adapter stores); returns the replaced names. Raises if a target matches no nn.Linear or
-    the model already has adapters."""
+    """Replace every nn.Linear a target names by `method`'s adapter layer, freeze all else, and
+    return the replaced names. model.adapter_config = {"method", "targets", **hyper with the
+    layer's defaults} is what save_adapter stores."""
     if method not in METHODS:
         raise ValueError(f"unknown adapter method {method!r}; choose from {sorted(METHODS)}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -561,8 +546,7 @@ def save_adapter(model: nn.Module, path: str | None) -> dict:
     """{"config": model.adapter_config, "state_dict": the adapters' (method "full": all)}, returned
     and written to path via a temp file (a kill never leaves half a file). Sharded (FSDP2)
     parameters are gathered, a collective: every process calls this, all but one with path=None."""
-    config = getattr(model, "adapter_config", None)
-    if config is None:
+    if (config := getattr(model, "adapter_config", None)) is None:
         raise RuntimeError("model has no adapter_config: call add_adapters() (or set "
                            "{'method': 'full'}) first")
     sd = model.state_dict() if config["method"] == "full" else adapter_state_dict(model)
@@ -578,8 +562,7 @@ def save_adapter(model: nn.Module, path: str | None) -> dict:
 
 def describe(shapes: dict[str, tuple[int, int]]) -> str:
     """"dim 64 / 4 layers (w1 64x172, w2 172x64, w3 64x172)" for {linear: (in, out)}: the width
-    where Meta's names show it (wq, wk, wv, w1, w3, output read it; wo, w2 write it), the depth
-    (the first number in a name before its last part), and each last part's shapes."""
+    where Meta's names show it, the depth (a name's first number) and each last part's shapes."""
     dims, layers, kinds = set(), {-1}, set()
     for name, (i, o) in shapes.items():
         *path, last = name.split(".")
@@ -593,10 +576,9 @@ def describe(shapes: dict[str, tuple[int, int]]) -> str:
 
 
 def check_adapter(model: nn.Module, path: str) -> dict:
-    """The save_adapter() file at path, loaded with weights_only=True (tensors and plain values: a
-    crafted file runs no code), if it fits the model; else a ValueError naming the file: not an
-    adapter file, other adapters than the model has, or trained on other shapes ("trained on dim
-    64 / 4 layers (w1 64x172, ...), this base is dim 288 / 6 layers (...)")."""
+    """The save_adapter() file at path, loaded with weights_only=True (a crafted file runs no
+    code), if it fits the model; else a ValueError naming the file: not an adapter file, other
+    adapters than the model has, or "trained on dim 64 / 4 layers (...), this base is ..."."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such adapter file")
     if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated one has no directory
@@ -638,9 +620,8 @@ def check_adapter(model: nn.Module, path: str) -> dict:
 
 
 def load_adapter(model: nn.Module, path: str) -> dict:
-    """Load a save_adapter() file (checked by check_adapter) into a model: add the adapters it
-    describes (a model that has them, as on resume, keeps its own) and load their weights (method
-    "full": the whole state dict). Returns the config; a fault of the file is one ValueError."""
+    """Add the adapters a save_adapter() file describes (a model that has them keeps its own) and
+    load their weights ("full": the whole state dict). Returns the config; faults: ValueError."""
     ckpt = check_adapter(model, path)
     config = dict(ckpt["config"])
     try:
