@@ -37,7 +37,6 @@ ROUTERS = ("learned", "mean", "balanced")
 
 
 # --- shared pieces ------------------------------------------------------------
-
 class AdapterLinear(nn.Module):
     """eq. 13: o = W x + ΔW x. The frozen nn.Linear (W and its bias) stays as `.base` (state-dict
     keys `<name>.base.weight`); subclasses train ΔW's factors and implement `forward`."""
@@ -130,11 +129,9 @@ def init_router(layer: nn.Module, router: str, num_experts: int, fk: dict) -> No
 
 
 # --- baselines (Table 1) ------------------------------------------------------
-
 class LoRALinear(AdapterLinear):
-    """LoRA (Hu et al.), HF PEFT numerics: o = W x + b + (α/r) · B A drop(x). A (r×d_in)
-    kaiming-uniform(a=√5), B (d_out×r) = 0: the base at step 0. Trainable: r(d_in + d_out) = 2dr
-    (Table 2). Mergeable."""
+    """LoRA (Hu et al.), HF PEFT numerics: o = W x + b + (α/r) · B A drop(x), B = 0 at first (the
+    base at step 0). Trainable: r(d_in + d_out) = 2dr (Table 2). Mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
         super().__init__(base, r, alpha, dropout)
@@ -168,10 +165,9 @@ class LoRALinear(AdapterLinear):
 
 class DoRALinear(LoRALinear):
     """DoRA (Liu et al. 2024), HF PEFT numerics: o = g ⊙ (W x + s·BA x) + b, s = α/r,
-    g = m / ‖W + s·BA‖_row, the norm detached (§4.3), m the `magnitude` (init ‖W‖_row:
-    the base at step 0). With dropout, as PEFT: o = W x + b + (g - 1) ⊙ W drop(x)
-    + g ⊙ s·BA drop(x). Builds W + s·BA each forward: the slow baseline. Trainable:
-    r(d_in + d_out) + d_out = 2dr + d (Table 2). Mergeable."""
+    g = m / ‖W + s·BA‖_row detached (§4.3), m the `magnitude` (init ‖W‖_row). With dropout,
+    as PEFT: o = W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s·BA drop(x). Builds W + s·BA each
+    forward: the slow baseline. Trainable: r(d_in + d_out) + d_out = 2dr + d (Table 2)."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
         super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
@@ -216,9 +212,8 @@ class DoRALinear(LoRALinear):
 
 
 class MoSLoRALinear(LoRALinear):
-    """MoSLoRA (Wu et al. 2024, Mixture-of-Subspaces LoRA): ΔW = (α/r) · B M A, M (`mixer`) r×r,
-    kaiming-uniform(a=√5). Run as (B M) A x: B M is d_out×r, so the cost, forward and merge are
-    LoRA's with B M for B. Trainable: r(d_in + d_out) + r². Mergeable."""
+    """MoSLoRA (Wu et al. 2024, Mixture-of-Subspaces LoRA): ΔW = (α/r) · B M A, M (`mixer`) r×r.
+    Run as (B M) A x: cost, forward and merge are LoRA's with B M for B. Trainable: 2dr + r²."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
         super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
@@ -249,8 +244,7 @@ class MoELoRALinear(AdapterLinear):
         N, r = self.num_experts, self.r
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
-        dt = out.dtype
-        xa = x2.to(dt)
+        dt, xa = out.dtype, x2.to(out.dtype)
         a = F.linear(self.dropout(xa), self.lora_A.reshape(N * r, -1).to(dt))  # (tokens, N·r)
         logits = F.linear(xa, self.router.weight.to(dt)) if self.router is not None else None
         G = gate(logits, N, xa)
@@ -261,7 +255,6 @@ class MoELoRALinear(AdapterLinear):
 
 
 # --- MoR ----------------------------------------------------------------------
-
 class MoRLinear(LoRALinear):
     """Mixture of Ranks (§3): one shared LoRA (A, B) seen through N learned diagonal scalings.
 
@@ -337,12 +330,10 @@ class MoRLinear(LoRALinear):
 
 
 # --- fast path: the same math as `reference` ----------------------------------
-# eq. 15 is a LoRA of rank N·r with tied factors. With codes z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r} and
-# B̃ = [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r}, the sum over experts is one GEMM:
-# (α/r) Σ_i G_i D_i x = B̃ z. MoR then costs A x and W_r x (one GEMM without dropout), an outer
-# product of N·r numbers per token and one GEMM into d_out, not N GEMMs and a tokens×N×d_out
+# eq. 15 is a LoRA of rank N·r with tied factors: with z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r} and
+# B̃ = [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r}, (α/r) Σ_i G_i D_i x = B̃ z: A x and W_r x
+# (one GEMM), N·r products per token and one GEMM into d_out, not N GEMMs and a tokens×N×d_out
 # tensor. Ω_A sits in B̃ (work independent of tokens); α/r in the outer product's free alpha.
-#
 #   x ──┬── W ─────────────────────────────────────────┐
 #       ├── drop ── A ──┐                              + ── o
 #       └── W_r ── softmax ── G ⊗ (A x) = z ── B̃ ───────┘
@@ -391,15 +382,12 @@ def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """∂logits = G ⊙ (g − Σ_k G_k g_k) (G = softmax, g = ∂G): torch's kernel (fp32 inside) if it
     exists, as written out in bf16 the gradient is 1.2–1.4× further from fp64 (docs/performance.md)."""
     own = getattr(torch, "_softmax_backward_data", None)
-    if own is None:
-        return G * (g - (G * g).sum(-1, keepdim=True))
-    return own(g, G, -1, G.dtype)
+    return own(g, G, -1, G.dtype) if own else G * (g - (G * g).sum(-1, keepdim=True))
 
 
 def weights_key(layer: MoRLinear, dtype: torch.dtype) -> tuple | None:
-    """The eval cache's key: dtype, each parameter's version (bumped by in-place updates such as
-    an optimizer step, not by `.data` writes: call eval() after one), address and dtype. None for
-    inference tensors (no version counter: no cache)."""
+    """The eval cache's key: dtype, each parameter's version (bumped in place by an optimizer step,
+    not by `.data` writes: call eval() after one), address, dtype; None for inference tensors."""
     params = [layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B]
     params += [layer.router.weight] if layer.router is not None else []
     if any(p.is_inference() for p in params):
@@ -475,7 +463,6 @@ class StackedMixture(torch.autograd.Function):
 
 
 # --- model-level helpers and the adapter file ---------------------------------
-
 METHODS = {"lora": LoRALinear, "dora": DoRALinear, "moslora": MoSLoRALinear,
            "moelora": MoELoRALinear, "mor": MoRLinear}
 
