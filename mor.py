@@ -91,8 +91,7 @@ class AdapterLinear(nn.Module):
 
 
 def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor, dtype=None):
-    """G(x) = softmax(W_r x) (eq. 11, tokens × N), or 1/N where logits is None (router "mean"), in
-    `dtype` (default fp32; fp64 for fp64 x)."""
+    """G(x) = softmax(W_r x) (eq. 11), or 1/N for router "mean"; fp32 unless fp64 x or `dtype`."""
     dt = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     if logits is None:
         return torch.full((x.shape[0], num_experts), 1.0 / num_experts, device=x.device, dtype=dt)
@@ -164,7 +163,7 @@ class LoRALinear(AdapterLinear):
 
 
 class DoRALinear(LoRALinear):
-    """DoRA (Liu et al. 2024), HF PEFT numerics: o = g ⊙ (W x + s·BA x) + b, s = α/r,
+    """DoRA (Liu et al. 2024, mergeable), HF PEFT numerics: o = g ⊙ (W x + s·BA x) + b, s = α/r,
     g = m / ‖W + s·BA‖_row detached (§4.3), m the `magnitude` (init ‖W‖_row). With dropout,
     as PEFT: o = W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s·BA drop(x). Builds W + s·BA each
     forward: the slow baseline. Trainable: r(d_in + d_out) + d_out = 2dr + d (Table 2)."""
@@ -225,9 +224,8 @@ class MoSLoRALinear(LoRALinear):
 
 
 class MoELoRALinear(AdapterLinear):
-    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x):
-    lora_A (N×r×d_in), lora_B (N×d_out×r, zeros), router W_r on the undropped x. Run
-    like MoR as one rank-N·r LoRA: ΔW x = (α/r) [B_1 … B_N] ((G ⊗ 1_r) ⊙ [A_1;…;A_N] x).
+    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x), W_r on the
+    undropped x. Run like MoR as one rank-N·r LoRA: (α/r) [B_1 … B_N] ((G ⊗ 1_r) ⊙ [A_1;…;A_N] x).
     Trainable: N r(d_in + d_out) + N d_in = 2Ndr + Nd (Table 2). Not mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 2,
@@ -264,10 +262,9 @@ class MoRLinear(LoRALinear):
 
         o = W x + (α/r) Σ_i G_i(x) · Ω_B[i] ⊙ (B (Ω_A[i] ⊙ (A · drop(x))))       (eqs. 11–13)
 
-    lora_A (r×d_in), lora_B (d_out×r), omega_A (N×r), omega_B (N×d_out), router W_r (none for
-    "mean"); trainable 2dr + N(2d + r). Init (Table 2: A, R random, B = 0): A as PEFT's, B = 0,
-    Ω_A = Ω_B = 1: at step 0 the base, every expert the same LoRA (the paper leaves Ω's init
-    open; Ω_B = 0 with B = 0 would keep ∂L/∂B ∝ Ω_B and ∂L/∂Ω_B ∝ B at 0). Not mergeable."""
+    Trainable 2dr + N(2d + r). Init (Table 2: A, R random, B = 0): LoRA's, Ω_A = Ω_B = 1: at
+    step 0 the base, every expert the same LoRA (the paper leaves Ω's init open; Ω_B = 0 with
+    B = 0 would keep ∂L/∂B ∝ Ω_B and ∂L/∂Ω_B ∝ B at 0). Not mergeable: G depends on x."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 8,
                  dropout: float = 0.05, router: str = "learned"):
@@ -364,9 +361,8 @@ def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def stacked_codes(x: torch.Tensor, down: torch.Tensor, r: int, num_experts: int, scale: float,
                   p: float = 0.0) -> tuple[torch.Tensor, ...]:
-    """(z, G, A drop(x), dropout mask) from [A; W_r]: G of eq. 11, z = (α/r) G ⊗ (A x) (eq. 15)
-    in x's dtype. One GEMM without dropout; with it the router reads the undropped x, and the
-    mask is F.dropout's own (native_dropout), as in `reference`."""
+    """(z, G, A drop(x), dropout mask) from [A; W_r]: G of eq. 11, z = (α/r) G ⊗ (A x) (eq. 15).
+    One GEMM without dropout; with it the router reads x, and the mask is F.dropout's own."""
     routed, keep = down.shape[0] > r, None
     if p > 0:
         h, keep = torch.native_dropout(x, p, True)
@@ -408,9 +404,9 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 class StackedMixture(torch.autograd.Function):
-    """(z, G, B̃) for `MoRLinear.forward` as one autograd node: plain autograd runs ~2.4× LoRA's
-    kernels and keeps drop(x) and B̃'s fp32 intermediate. This saves x, the 1-byte dropout mask,
-    A x, G and [A; W_r] in the compute dtype and recomputes the rest."""
+    """(z, G, B̃) for `MoRLinear.forward` as one autograd node (plain autograd: ~2.4× LoRA's
+    kernels, keeping drop(x) and B̃'s fp32 intermediate). Saves x, the 1-byte mask, A x, G and
+    [A; W_r] in the compute dtype and recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
@@ -477,9 +473,8 @@ def targeted(name: str, targets) -> bool:
 
 
 def add_adapters(model: nn.Module, method: str, targets=("w1", "w2", "w3"), **hyper) -> list[str]:
-    """Replace every nn.Linear a target names by `method`'s adapter layer, freeze all else, and
-    return the replaced names. model.adapter_config = {"method", "targets", **hyper with the
-    layer's defaults} is what save_adapter stores."""
+    """Replace every nn.Linear a target names by `method`'s adapter, freeze all else; returns the
+    names. Sets model.adapter_config (what save_adapter stores), the layer's defaults filled in."""
     if method not in METHODS:
         raise ValueError(f"unknown adapter method {method!r}; choose from {sorted(METHODS)}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -563,9 +558,8 @@ def describe(shapes: dict[str, tuple[int, int]]) -> str:
 
 
 def check_adapter(model: nn.Module, path: str) -> dict:
-    """The save_adapter() file at path, loaded with weights_only=True (a crafted file runs no
-    code), if it fits the model; else a ValueError naming the file: not an adapter file, other
-    adapters than the model has, or "trained on dim 64 / 4 layers (...), this base is ..."."""
+    """The save_adapter() file at path (weights_only=True: a crafted file runs no code) if it fits
+    the model; else a ValueError naming the file and why ("trained on dim 64 / 4 layers, ...")."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such adapter file")
     if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated one has no directory
