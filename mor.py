@@ -18,10 +18,9 @@ Where the equations of §3 live:
     Table 2    python mor.py --params params.json (in the project: tools/table2.py)
     Table 4    MoRLinear(router="learned" | "mean" | "balanced")
 
-Dtypes: adapter parameters are fp32 (or the base's dtype if wider), the optimizer's master
-weights; the frozen base may be bf16. An adapter computes in its base output's dtype (x's, or
-autocast's: x is cast once, as autocast would): the small r×d factors are cast down to it, the
-tokens×d activations never up. Gradients flow through the casts to the fp32 parameters.
+Dtypes: adapter parameters are fp32 master weights (or the base's dtype if wider); the frozen
+base may be bf16. An adapter computes in its base output's dtype (x's, or autocast's: x is cast
+once): the small r×d factors are cast down to it, the tokens×d activations never up.
 """
 from __future__ import annotations
 
@@ -37,9 +36,7 @@ import torch.nn.functional as F
 ROUTERS = ("learned", "mean", "balanced")
 
 
-# -----------------------------------------------------------------------------
-# shared pieces
-
+# --- shared pieces ------------------------------------------------------------
 class AdapterLinear(nn.Module):
     """eq. 13: o = W x + ΔW x. The frozen nn.Linear (W and its bias) stays as `.base` (state-dict
     keys `<name>.base.weight`); subclasses train ΔW's factors and implement `forward`."""
@@ -71,6 +68,9 @@ class AdapterLinear(nn.Module):
 
     def merge(self, merge: bool = True) -> None:
         """Fold ΔW into W: the layer then costs exactly a plain nn.Linear (unmerge undoes it)."""
+        if hasattr(self, "router_kind"):  # MoR, MoELoRA (for MoR the paper's stated limitation)
+            raise RuntimeError(f"{type(self).__name__} cannot be merged into W: the router weights "
+                               "G(x) depend on each input. In eval mode MoR caches B̃.")
         if self.merged == merge:
             raise RuntimeError(f"adapter is {'already' if merge else 'not'} merged")
         with torch.no_grad():
@@ -80,43 +80,18 @@ class AdapterLinear(nn.Module):
     def unmerge(self) -> None:
         self.merge(False)
 
-    def fold(self, merge: bool) -> None:
-        """W ← W ± ΔW, in at least fp32, rounded once to W's dtype (exact up to that rounding)."""
-        w = self.base.weight
-        dt = torch.promote_types(w.dtype, torch.float32)
-        delta = self.delta_weight().to(dt)
-        w.copy_((w.to(dt) + delta if merge else w.to(dt) - delta).to(w.dtype))
-
-    def check_not_merged(self) -> None:
-        # a merged layer in training mode would silently train nothing
+    def check_merged(self) -> bool:
+        """Whether forward is the base alone; raises in training mode (it would train nothing)."""
         if self.merged and self.training:
             raise RuntimeError(f"{type(self).__name__} is merged: call unmerge() before training")
+        return self.merged
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
-def add_update(out: torch.Tensor, z: torch.Tensor, up: torch.Tensor, scale: float,
-               shape: tuple) -> torch.Tensor:
-    """out += scale · z upᵀ in place (addmm_, beta = 1), viewed as `shape`. out (tokens × d_out) is
-    a fresh matrix the caller owns, not a view (nn.Linear's backward does not need it); out of
-    place, addmm would first copy it: more traffic than the rank-k GEMM itself."""
-    return out.addmm_(z, up.t(), alpha=scale).view(shape)
-
-
-def balance_aux_loss(G: torch.Tensor) -> torch.Tensor:
-    """Switch-Transformer balance loss N · Σ_i f_i · P_i (Table 4, "balanced router") of router
-    probabilities G (tokens × N): f_i the fraction of tokens whose argmax is i (no gradient), P_i
-    i's mean probability. 1 for uniform routing (ties go to expert 0), more as it concentrates."""
-    N = G.shape[-1]
-    f = F.one_hot(G.argmax(-1), N).to(G.dtype).mean(0)
-    return N * (f * G.mean(0)).sum()
-
-
-def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor,
-         dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Router weights G(x) (tokens × N, eq. 11) in `dtype` (default fp32; fp64 for fp64 x):
-    softmax(W_r x) of the logits (router "learned" / "balanced"), or 1/N for "mean" (logits None)."""
+def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor, dtype=None):
+    """G(x) = softmax(W_r x) (eq. 11), or 1/N for router "mean"; fp32 unless fp64 x or `dtype`."""
     dt = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     if logits is None:
         return torch.full((x.shape[0], num_experts), 1.0 / num_experts, device=x.device, dtype=dt)
@@ -124,10 +99,12 @@ def gate(logits: torch.Tensor | None, num_experts: int, x: torch.Tensor,
 
 
 def note_routing(layer: nn.Module, G: torch.Tensor) -> None:
-    """What a layer keeps of G: this forward's balance loss as layer.aux_loss (router "balanced",
-    training; read it before the next forward or CUDA-graph replay overwrites it), and Fig. 7's
-    running sums router_sum / router_count when layer.record_router."""
-    aux = balance_aux_loss(G) if layer.router_kind == "balanced" and layer.training else None
+    """Keep this forward's balance loss as layer.aux_loss (router "balanced", training: read it
+    before the next forward), and Fig. 7's sums router_sum / router_count if layer.record_router."""
+    aux, N = None, G.shape[-1]
+    if layer.router_kind == "balanced" and layer.training:  # Switch Transformer's N Σ_i f_i P_i:
+        f = F.one_hot(G.argmax(-1), N).to(G.dtype).mean(0)  # f_i: share of argmax i; P_i: mean G_i
+        aux = N * (f * G.mean(0)).sum()  # 1 if uniform, more as routing concentrates (Table 4)
     if aux is not None or layer.aux_loss is not None:  # Module.__setattr__ is slow: skip None->None
         layer.aux_loss = aux
     if layer.record_router:
@@ -147,17 +124,13 @@ def init_router(layer: nn.Module, router: str, num_experts: int, fk: dict) -> No
         nn.Linear(layer.in_features, num_experts, bias=False, **fk)
     layer.aux_loss, layer.record_router, dev = None, False, fk["device"]
     layer.register_buffer("router_sum", torch.zeros(num_experts, device=dev), persistent=False)
-    layer.register_buffer("router_count", torch.zeros((), dtype=torch.int64, device=dev),
-                          persistent=False)
+    layer.register_buffer("router_count", torch.zeros((), dtype=torch.long, device=dev), False)
 
 
-# -----------------------------------------------------------------------------
-# baselines (Table 1)
-
+# --- baselines (Table 1) ------------------------------------------------------
 class LoRALinear(AdapterLinear):
-    """LoRA (Hu et al.), HF PEFT numerics: o = W x + b + (α/r) · B A drop(x). A (r×d_in)
-    kaiming-uniform(a=√5), B (d_out×r) = 0: the base at step 0. Trainable: r(d_in + d_out) = 2dr
-    (Table 2). Mergeable."""
+    """LoRA (Hu et al.), HF PEFT numerics: o = W x + b + (α/r) · B A drop(x), B = 0 at first (the
+    base at step 0). Trainable: r(d_in + d_out) = 2dr (Table 2). Mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
         super().__init__(base, r, alpha, dropout)
@@ -170,26 +143,30 @@ class LoRALinear(AdapterLinear):
         """The d_out×r factor applied after A: B (MoSLoRA: B M)."""
         return self.lora_B
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.up() @ self.lora_A
+    def fold(self, merge: bool) -> None:
+        """W ← W ± (α/r) B A in at least fp32, rounded once to W's dtype (exact up to that)."""
+        w, dt = self.base.weight, self.factory()["dtype"]
+        delta = (self.scale * self.up() @ self.lora_A).to(dt)
+        w.copy_((w.to(dt) + (1 if merge else -1) * delta).to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_not_merged()
-        if self.merged:
+        if self.check_merged():
             return self.base(x)
-        x2 = x.reshape(-1, self.in_features)  # tokens × d_in: a base output add_update can own
+        x2 = x.reshape(-1, self.in_features)  # tokens × d_in
         out = self.base(x2)
         dt = out.dtype  # the compute dtype (module doc)
         a = F.linear(self.dropout(x2.to(dt)), self.lora_A.to(dt))
-        return add_update(out, a, self.up().to(dt), self.scale, (*x.shape[:-1], self.out_features))
+        # out += s·a upᵀ in place: out is ours (nn.Linear's backward does not keep it), and out of
+        # place addmm would first copy it, more traffic than the rank-r GEMM itself
+        out = out.addmm_(a, self.up().to(dt).t(), alpha=self.scale)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class DoRALinear(LoRALinear):
-    """DoRA (Liu et al. 2024), HF PEFT numerics: o = m / ‖W + s·B A‖_row ⊙ (W x + s·B A x) + b,
-    s = α/r, the norm detached (DoRA §4.3), m (d_out) the `magnitude`, initially ‖W‖_row (the base
-    at step 0). With dropout, as PEFT: o = W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s·B A drop(x),
-    g = m/‖W + s·BA‖, which builds W + s·BA each forward: the slow baseline. Trainable:
-    r(d_in + d_out) + d_out = 2dr + d (Table 2). Mergeable."""
+    """DoRA (Liu et al. 2024, mergeable), HF PEFT numerics: o = g ⊙ (W x + s·BA x) + b, s = α/r,
+    g = m / ‖W + s·BA‖_row detached (§4.3), m the `magnitude` (init ‖W‖_row). With dropout,
+    as PEFT: o = W x + b + (g - 1) ⊙ W drop(x) + g ⊙ s·BA drop(x). Builds W + s·BA each
+    forward: the slow baseline. Trainable: r(d_in + d_out) + d_out = 2dr + d (Table 2)."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
         super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
@@ -206,24 +183,20 @@ class DoRALinear(LoRALinear):
             return torch.linalg.vector_norm(w, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_not_merged()
-        if self.merged:
+        if self.check_merged():
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
-        dt = out.dtype
-        g = self.magnitude / self.weight_norm()  # (d_out,)
-        if self.dropout_active():
-            h = self.dropout(x2.to(dt))
-            wx = F.linear(h, self.base.weight)
-        else:
-            h = x2.to(dt)
-            wx = out if self.base.bias is None else out - self.base.bias.to(dt)
+        dt, g = out.dtype, self.magnitude / self.weight_norm()  # g: (d_out,)
+        h = self.dropout(x2.to(dt))  # W h: with dropout its own GEMM (PEFT's), else out less b
+        wx = F.linear(h, self.base.weight) if self.dropout_active() else \
+            out if self.base.bias is None else out - self.base.bias.to(dt)
         a = F.linear(h, self.lora_A.to(dt))
         # g - 1 before rounding to dt: g is ~1, where bf16's step (2^-8) would swallow a change;
         # g ⊙ s·B A h = s · (diag(g) B) A h: g folded into B (d_out×r), not into tokens × d_out
-        return add_update(out + (g - 1).to(dt) * wx, a, (g[:, None] * self.lora_B).to(dt),
-                          self.scale, (*x.shape[:-1], self.out_features))
+        out = (out + (g - 1).to(dt) * wx).addmm_(a, (g[:, None] * self.lora_B).to(dt).t(),
+                                                 alpha=self.scale)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def fold(self, merge: bool) -> None:
         """W ← g ⊙ (W + s·BA) row-wise, and back; the bias is outside DoRA's magnitude."""
@@ -238,9 +211,8 @@ class DoRALinear(LoRALinear):
 
 
 class MoSLoRALinear(LoRALinear):
-    """MoSLoRA (Wu et al. 2024, Mixture-of-Subspaces LoRA): ΔW = (α/r) · B M A, M (`mixer`) r×r,
-    kaiming-uniform(a=√5). Run as (B M) A x: B M is d_out×r, so the cost, forward and merge are
-    LoRA's with B M for B. Trainable: r(d_in + d_out) + r². Mergeable."""
+    """MoSLoRA (Wu et al. 2024, Mixture-of-Subspaces LoRA): ΔW = (α/r) · B M A, M (`mixer`) r×r.
+    Run as (B M) A x: cost, forward and merge are LoRA's with B M for B. Trainable: 2dr + r²."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, dropout: float = 0.05):
         super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
@@ -252,11 +224,9 @@ class MoSLoRALinear(LoRALinear):
 
 
 class MoELoRALinear(AdapterLinear):
-    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x), N experts:
-    lora_A (N×r×d_in, PEFT's init each), lora_B (N×d_out×r, zeros), router W_r (N×d_in) on the
-    undropped x. Run like MoR as one rank-N·r LoRA: z = (G ⊗ 1_r) ⊙ ([A_1;…;A_N] x), ΔW x =
-    (α/r) [B_1 … B_N] z. Trainable: N r(d_in + d_out) + N d_in = 2Ndr + Nd (Table 2, the router
-    counted with d_in). Not mergeable: G depends on x."""
+    """MoELoRA (Liu et al. 2023), eq. 2: o = W x + (α/r) Σ_i G_i(x) B_i A_i drop(x), W_r on the
+    undropped x. Run like MoR as one rank-N·r LoRA: (α/r) [B_1 … B_N] ((G ⊗ 1_r) ⊙ [A_1;…;A_N] x).
+    Trainable: N r(d_in + d_out) + N d_in = 2Ndr + Nd (Table 2). Not mergeable."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 2,
                  dropout: float = 0.05, router: str = "learned"):
@@ -268,29 +238,22 @@ class MoELoRALinear(AdapterLinear):
         for A in self.lora_A:  # per expert, so the fan-in is d_in (not r·d_in of the 3-d tensor)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
-    def merge(self, merge: bool = True) -> None:
-        raise RuntimeError("MoELoRA cannot be merged into W: the router weights G(x) depend on "
-                           "each input")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, r = self.num_experts, self.r
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)
-        dt = out.dtype
-        xa = x2.to(dt)
+        dt, xa = out.dtype, x2.to(out.dtype)
         a = F.linear(self.dropout(xa), self.lora_A.reshape(N * r, -1).to(dt))  # (tokens, N·r)
         logits = F.linear(xa, self.router.weight.to(dt)) if self.router is not None else None
         G = gate(logits, N, xa)
         note_routing(self, G)
         z = (G.to(dt)[:, :, None] * a.reshape(-1, N, r)).reshape(-1, N * r)
         up = self.lora_B.permute(1, 0, 2).reshape(self.out_features, N * r).to(dt)  # [B_1 … B_N]
-        return add_update(out, z, up, self.scale, (*x.shape[:-1], self.out_features))
+        return out.addmm_(z, up.t(), alpha=self.scale).view(*x.shape[:-1], self.out_features)
 
 
-# -----------------------------------------------------------------------------
-# MoR
-
-class MoRLinear(AdapterLinear):
+# --- MoR ----------------------------------------------------------------------
+class MoRLinear(LoRALinear):
     """Mixture of Ranks (§3): one shared LoRA (A, B) seen through N learned diagonal scalings.
 
     eq. 6: a transformed LoRA Λ_B B Λ_Bᵀ Λ_A A Λ_Aᵀ reaches a higher-rank subspace; absorbing Λ_Bᵀ
@@ -299,20 +262,14 @@ class MoRLinear(AdapterLinear):
 
         o = W x + (α/r) Σ_i G_i(x) · Ω_B[i] ⊙ (B (Ω_A[i] ⊙ (A · drop(x))))       (eqs. 11–13)
 
-    Parameters (the paper's names): lora_A (r×d_in), lora_B (d_out×r), omega_A (N×r), omega_B
-    (N×d_out), router W_r = nn.Linear(d_in, N, bias=False) (none for "mean"); trainable
-    2dr + N(2d + r). Init (Table 2: A, R random, B = 0): A as PEFT's, B = 0, Ω_A = Ω_B = 1, so at
-    step 0 the layer is the base and every expert the same LoRA. (The paper leaves Ω's init open;
-    Ω_B = 0 with B = 0 would keep ∂L/∂B ∝ Ω_B and ∂L/∂Ω_B ∝ B at 0.) Not mergeable: G depends on x.
-    """
+    Trainable 2dr + N(2d + r). Init (Table 2: A, R random, B = 0): LoRA's, Ω_A = Ω_B = 1: at
+    step 0 the base, every expert the same LoRA (the paper leaves Ω's init open; Ω_B = 0 with
+    B = 0 would keep ∂L/∂B ∝ Ω_B and ∂L/∂Ω_B ∝ B at 0). Not mergeable: G depends on x."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 8,
                  dropout: float = 0.05, router: str = "learned"):
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
         fk = self.factory()
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **fk))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's: U(±1/√d_in)
         # eqs. 7, 8: Λ_A = diag(λ_A) (r×r), Λ_B = diag(λ_B) (d_out×d_out), kept as diagonals;
         # eq. 14: the N experts' λ_A, λ_B stacked as rows: Ω_A ∈ R^{N×r}, Ω_B ∈ R^{N×d_out}
         self.omega_A = nn.Parameter(torch.ones(num_experts, r, **fk))
@@ -324,18 +281,13 @@ class MoRLinear(AdapterLinear):
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix (N = 1: eq. 9)."""
         return self.scale * (self.omega_B[i][:, None] * self.lora_B * self.omega_A[i]) @ self.lora_A
 
-    def merge(self, merge: bool = True) -> None:
-        raise RuntimeError("MoR cannot be merged into W: the router weights G(x) depend on each "
-                           "input (the paper's stated limitation). In eval mode it caches B̃.")
-
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """MoR as the paper writes it (eqs. 10–13), one expert at a time: `forward`'s definition."""
         x2 = x.reshape(-1, self.in_features)
         out = self.base(x2)  # eq. 13: W x (+ b), frozen
         dt = out.dtype  # adapters compute in the base output's dtype (module doc)
         x2 = x2.to(dt)
-        A, B = self.lora_A.to(dt), self.lora_B.to(dt)
-        om_A, om_B = self.omega_A.to(dt), self.omega_B.to(dt)
+        A, B, om_A, om_B = (p.to(dt) for p in (self.lora_A, self.lora_B, self.omega_A, self.omega_B))
         h = self.dropout(x2)  # drop(x): the adapter's input only, not the router's
         logits = F.linear(x2, self.router.weight.to(dt)) if self.router is not None else None
         G = gate(logits, self.num_experts, x2)  # eq. 11: G(x) = softmax(W_r x), (tokens, N)
@@ -347,7 +299,7 @@ class MoRLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same numbers as `reference`, as one rank-N·r GEMM (eq. 15, Fig. 3: "fast path" below)."""
-        x2, dev = x.reshape(-1, self.in_features), x.device.type  # a base output add_update owns
+        x2, dev = x.reshape(-1, self.in_features), x.device.type
         if torch.is_autocast_enabled(dev) and x2.dtype != torch.float64:  # autocast's cast of x,
             x2 = x2.to(torch.get_autocast_dtype(dev))  # once for the base and the adapter
         out = self.base(x2)  # eq. 13: W x (+ bias), frozen
@@ -363,7 +315,7 @@ class MoRLinear(AdapterLinear):
                                             self.omega_B, p, self.scale)
         note_routing(self, G)
         # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z, added into W x by one GEMM (α/r is in z)
-        return add_update(out, z, up, 1.0, (*x.shape[:-1], self.out_features))
+        return out.addmm_(z, up.t()).view(*x.shape[:-1], self.out_features)
 
     def train(self, mode: bool = True) -> MoRLinear:  # (eval() too) drops the eval cache
         self._cache, self.generation = None, self.generation + 1
@@ -374,15 +326,11 @@ class MoRLinear(AdapterLinear):
         return super()._apply(fn, *args, **kwargs)
 
 
-# -----------------------------------------------------------------------------
-# fast path: the same math as `reference`
-#
-# eq. 15 is a LoRA of rank N·r with tied factors. With codes z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r} and
-# B̃ = [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r}, the sum over experts is one GEMM:
-# (α/r) Σ_i G_i D_i x = B̃ z. MoR then costs A x and W_r x (one GEMM without dropout), an outer
-# product of N·r numbers per token and one GEMM into d_out, not N GEMMs and a tokens×N×d_out
+# --- fast path: the same math as `reference` ----------------------------------
+# eq. 15 is a LoRA of rank N·r with tied factors: with z = (α/r) G(x) ⊗ (A x) ∈ R^{N·r} and
+# B̃ = [diag(Ω_B[i]) B diag(Ω_A[i])]_i ∈ R^{d_out×N·r}, (α/r) Σ_i G_i D_i x = B̃ z: A x and W_r x
+# (one GEMM), N·r products per token and one GEMM into d_out, not N GEMMs and a tokens×N×d_out
 # tensor. Ω_A sits in B̃ (work independent of tokens); α/r in the outer product's free alpha.
-#
 #   x ──┬── W ─────────────────────────────────────────┐
 #       ├── drop ── A ──┐                              + ── o
 #       └── W_r ── softmax ── G ⊗ (A x) = z ── B̃ ───────┘
@@ -413,10 +361,8 @@ def outer(u: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def stacked_codes(x: torch.Tensor, down: torch.Tensor, r: int, num_experts: int, scale: float,
                   p: float = 0.0) -> tuple[torch.Tensor, ...]:
-    """(z, G, A drop(x), dropout mask) from [A; W_r]: G of eq. 11 and z = (α/r) G ⊗ (A x)
-    (tokens × N·r, eq. 15), in x's dtype. A x and W_r x are one GEMM without dropout; with it the
-    router reads the undropped x, and the mask is F.dropout's own (native_dropout), as in
-    `reference`."""
+    """(z, G, A drop(x), dropout mask) from [A; W_r]: G of eq. 11, z = (α/r) G ⊗ (A x) (eq. 15).
+    One GEMM without dropout; with it the router reads x, and the mask is F.dropout's own."""
     routed, keep = down.shape[0] > r, None
     if p > 0:
         h, keep = torch.native_dropout(x, p, True)
@@ -429,19 +375,15 @@ def stacked_codes(x: torch.Tensor, down: torch.Tensor, r: int, num_experts: int,
 
 
 def softmax_backward(g: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """∂logits = G ⊙ (g − Σ_k G_k g_k) (G = softmax, g = ∂G): torch's own kernel (fp32 inside)
-    where it exists, since written out in bf16 the router's gradient was 1.2–1.4 × further from
-    fp64 (docs/performance.md); the written-out form serves a torch without it."""
+    """∂logits = G ⊙ (g − Σ_k G_k g_k) (G = softmax, g = ∂G): torch's kernel (fp32 inside) if it
+    exists, as written out in bf16 the gradient is 1.2–1.4× further from fp64 (docs/performance.md)."""
     own = getattr(torch, "_softmax_backward_data", None)
-    if own is None:
-        return G * (g - (G * g).sum(-1, keepdim=True))
-    return own(g, G, -1, G.dtype)
+    return own(g, G, -1, G.dtype) if own else G * (g - (G * g).sum(-1, keepdim=True))
 
 
 def weights_key(layer: MoRLinear, dtype: torch.dtype) -> tuple | None:
-    """The eval cache's key: dtype and each parameter's version counter (bumped by in-place updates
-    such as an optimizer step; not by `.data`: call eval() after such an update), data pointer
-    and dtype. None under torch.inference_mode() (no counter: no cache)."""
+    """The eval cache's key: dtype, each parameter's version (bumped in place by an optimizer step,
+    not by `.data` writes: call eval() after one), address, dtype; None for inference tensors."""
     params = [layer.lora_A, layer.lora_B, layer.omega_A, layer.omega_B]
     params += [layer.router.weight] if layer.router is not None else []
     if any(p.is_inference() for p in params):
@@ -450,8 +392,7 @@ def weights_key(layer: MoRLinear, dtype: torch.dtype) -> tuple | None:
 
 
 def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """([A; W_r], B̃) for eval with gradients off, rebuilt when `weights_key` changes; dropped by
-    train(), eval() and .to()."""
+    """([A; W_r], B̃) for eval without gradients, rebuilt when `weights_key` changes."""
     key, W_r = weights_key(layer, dtype), layer.router.weight if layer.router is not None else None
     if key is None or layer._cache is None or layer._cache[0] != key:
         built = (down_factors(layer.lora_A, W_r, dtype),
@@ -462,25 +403,14 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return layer._cache[1]
 
 
-def decode_state(model: nn.Module) -> tuple:
-    """Per MoRLinear, the eval cache's generation (bumped by each rebuild, train(), eval(), .to())
-    and whether its parameters are unchanged. A CUDA graph captured over the cache replays it by
-    address: replay it only while this equals its value right after the capture."""
-    return tuple((m.generation, m._cache is not None and
-                  m._cache[0] == weights_key(m, m._cache[0][0]))
-                 for _, m in adapter_layers(model) if isinstance(m, MoRLinear))
-
-
 class StackedMixture(torch.autograd.Function):
-    """(z, G, B̃) for `MoRLinear.forward` as one autograd node, by hand because plain autograd
-    runs ~2.4× LoRA's kernels (a node and a GPU launch per small op) and keeps drop(x) and B̃'s
-    fp32 intermediate. This keeps x, the 1-byte dropout mask, A x, G and [A; W_r] in the compute
-    dtype and recomputes the rest; dropout's backward is written out (x ⊙ mask, 1/(1-p) in ∂a)."""
+    """(z, G, B̃) for `MoRLinear.forward` as one autograd node (plain autograd: ~2.4× LoRA's
+    kernels, keeping drop(x) and B̃'s fp32 intermediate). Saves x, the 1-byte mask, A x, G and
+    [A; W_r] in the compute dtype and recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
-        dt = x.dtype
-        down = down_factors(A, W_r, dt)
+        dt, down = x.dtype, down_factors(A, W_r, x.dtype)
         z, G, a, keep = stacked_codes(x, down, A.shape[0], omega_A.shape[0], scale, p)
         ctx.save_for_backward(x, keep, a, G, down, B, omega_A, omega_B)
         ctx.p, ctx.scale, ctx.router, ctx.master = p, scale, W_r is not None, A.dtype
@@ -528,9 +458,7 @@ class StackedMixture(torch.autograd.Function):
             return gx, gA, gW, gB, gOA, gOB, None, None
 
 
-# -----------------------------------------------------------------------------
-# model-level helpers and the adapter file
-
+# --- model-level helpers and the adapter file ---------------------------------
 METHODS = {"lora": LoRALinear, "dora": DoRALinear, "moslora": MoSLoRALinear,
            "moelora": MoELoRALinear, "mor": MoRLinear}
 
@@ -545,10 +473,8 @@ def targeted(name: str, targets) -> bool:
 
 
 def add_adapters(model: nn.Module, method: str, targets=("w1", "w2", "w3"), **hyper) -> list[str]:
-    """Replace every nn.Linear a target names by `method`'s adapter layer; freeze all else. Sets
-    model.adapter_config = {"method", "targets", **hyper with the layer's defaults filled in} (what
-    save_adapter stores); returns the replaced names. Raises if a target matches no nn.Linear or
-    the model already has adapters."""
+    """Replace every nn.Linear a target names by `method`'s adapter, freeze all else; returns the
+    names. Sets model.adapter_config (what save_adapter stores), the layer's defaults filled in."""
     if method not in METHODS:
         raise ValueError(f"unknown adapter method {method!r}; choose from {sorted(METHODS)}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -602,8 +528,7 @@ def save_adapter(model: nn.Module, path: str | None) -> dict:
     """{"config": model.adapter_config, "state_dict": the adapters' (method "full": all)}, returned
     and written to path via a temp file (a kill never leaves half a file). Sharded (FSDP2)
     parameters are gathered, a collective: every process calls this, all but one with path=None."""
-    config = getattr(model, "adapter_config", None)
-    if config is None:
+    if (config := getattr(model, "adapter_config", None)) is None:
         raise RuntimeError("model has no adapter_config: call add_adapters() (or set "
                            "{'method': 'full'}) first")
     sd = model.state_dict() if config["method"] == "full" else adapter_state_dict(model)
@@ -619,8 +544,7 @@ def save_adapter(model: nn.Module, path: str | None) -> dict:
 
 def describe(shapes: dict[str, tuple[int, int]]) -> str:
     """"dim 64 / 4 layers (w1 64x172, w2 172x64, w3 64x172)" for {linear: (in, out)}: the width
-    where Meta's names show it (wq, wk, wv, w1, w3, output read it; wo, w2 write it), the depth
-    (the first number in a name before its last part), and each last part's shapes."""
+    where Meta's names show it, the depth (a name's first number) and each last part's shapes."""
     dims, layers, kinds = set(), {-1}, set()
     for name, (i, o) in shapes.items():
         *path, last = name.split(".")
@@ -634,10 +558,8 @@ def describe(shapes: dict[str, tuple[int, int]]) -> str:
 
 
 def check_adapter(model: nn.Module, path: str) -> dict:
-    """The save_adapter() file at path, loaded with weights_only=True (tensors and plain values: a
-    crafted file runs no code), if it fits the model; else a ValueError naming the file: not an
-    adapter file, other adapters than the model has, or trained on other shapes ("trained on dim
-    64 / 4 layers (w1 64x172, ...), this base is dim 288 / 6 layers (...)")."""
+    """The save_adapter() file at path (weights_only=True: a crafted file runs no code) if it fits
+    the model; else a ValueError naming the file and why ("trained on dim 64 / 4 layers, ...")."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such adapter file")
     if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated one has no directory
@@ -679,9 +601,8 @@ def check_adapter(model: nn.Module, path: str) -> dict:
 
 
 def load_adapter(model: nn.Module, path: str) -> dict:
-    """Load a save_adapter() file (checked by check_adapter) into a model: add the adapters it
-    describes (a model that has them, as on resume, keeps its own) and load their weights (method
-    "full": the whole state dict). Returns the config; a fault of the file is one ValueError."""
+    """Add the adapters a save_adapter() file describes (a model that has them keeps its own) and
+    load their weights ("full": the whole state dict). Returns the config; faults: ValueError."""
     ckpt = check_adapter(model, path)
     config = dict(ckpt["config"])
     try:
@@ -708,15 +629,8 @@ def balance_loss(model: nn.Module) -> torch.Tensor:
     return torch.zeros((), device=p.device if p is not None else None)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; works on the meta device."""
-    ps = list(model.parameters())
-    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
-
-
 if __name__ == "__main__":
-    # Table 2's command line lives in the project's tools/, so that this file can be copied alone
-    try:
+    try:  # Table 2's command line lives in the project's tools/, so that this file copies alone
         from tools.table2 import main
     except ModuleNotFoundError as e:
         if e.name not in ("tools", "tools.table2"):

@@ -51,6 +51,7 @@ from tools.run_dir import find_checkpoint, read_state, write_checkpoint
 from tools.schedule import make_scheduler, plan_schedule, resumed_schedule
 from tools.steplog import StepLog
 from tools.stop import Interrupted, Stop, stop_signals
+from tools.table2 import count_parameters
 from tools.train_cli import COMPILE_MODES, ConfigError   # noqa: F401 (COMPILE_MODES: for importers)
 
 
@@ -436,7 +437,7 @@ def train_locked(cfg: TrainConfig) -> torch.nn.Module | None:
         step, tokens_seen, schedule = 0, 0, plan_schedule(cfg, total_steps)
         torch.manual_seed(cfg.seed + 1000 * rank)   # different dropout masks on different ranks
     scheduler = make_scheduler(optimizer, cfg, schedule, step)
-    n_train, n_total = mor.count_parameters(raw)
+    n_train, n_total = count_parameters(raw)
     log(rank, f"{cfg.method}: {n_train:,} trainable of {n_total:,} parameters | {len(train_ex)} "
               f"train, {len(val_ex)} val examples | {world} process(es) x {loader.accum_steps} "
               f"micro-batch(es) of {cfg.micro_batch} = global batch {cfg.global_batch} | "

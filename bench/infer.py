@@ -202,6 +202,14 @@ def time_rounds(fns: dict, device: torch.device, warmup: int, repeats: int, n_ne
     return times
 
 
+def decode_state(model) -> tuple:
+    """Per MoRLinear, the eval cache's generation (bumped by each rebuild, train(), eval(), .to()) and whether
+    its parameters are unchanged. A CUDA graph captured over the cache replays it by address: replay it only
+    while this equals its value right after the capture."""
+    return tuple((m.generation, m._cache is not None and m._cache[0] == mor.weights_key(m, m._cache[0][0]))
+                 for _, m in mor.adapter_layers(model) if isinstance(m, mor.MoRLinear))
+
+
 def graph_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int):
     """One decoding step (forward, argmax, advance the position) captured as a CUDA graph; returns a
     function replaying it n_new times from the prompt's end. Token and position live in static tensors."""
@@ -224,13 +232,13 @@ def graph_decoder(model, first: torch.Tensor, prompt_len: int, n_new: int):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             one_step()
-        return graph, mor.decode_state(model)
+        return graph, decode_state(model)
     captured = [capture()]
 
     def run():
         # the graph reads MoR's cached B̃ by address: after train(), eval(), .to() or a weight update that memory
-        # is freed or stale, so capture again rather than replay (mor.decode_state)
-        if mor.decode_state(model) != captured[0][1]:
+        # is freed or stale, so capture again rather than replay (decode_state)
+        if decode_state(model) != captured[0][1]:
             captured[0] = capture()
         tok.copy_(first)
         pos.fill_(prompt_len)

@@ -49,6 +49,7 @@ import mor  # noqa: E402
 import train  # noqa: E402
 from demo.demo import write_meta_checkpoint  # noqa: E402
 from llama import ModelArgs, Tokenizer, Transformer  # noqa: E402
+from tools.table2 import count_parameters  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 
@@ -347,7 +348,7 @@ def run_one(spec: dict) -> dict:
                 balance_coef=cfg.balance_coef, omega_std=spec.get("omega_std", 0.0), n_tasks=spec["n_tasks"],
                 seed=spec["seed"], lr=spec["lr"], acc=test["all"], acc_val=val["all"],
                 acc_before=spec["acc_before"], per_task={k: v for k, v in test.items() if k != "all"},
-                params=mor.count_parameters(model)[0], omega_spread=omega_spread(model),
+                params=count_parameters(model)[0], omega_spread=omega_spread(model),
                 router_entropy=entropy or None, loss_first=log[0]["loss"], loss_last=log[-1]["loss"],
                 time_s=round(time.time() - t0, 1))
 

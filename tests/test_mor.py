@@ -17,6 +17,9 @@ import mor
 from conftest import ROOT
 from tools import table2
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from infer import decode_state  # noqa: E402  (bench/infer.py's CUDA-graph decoder keeps its replays valid with it)
+
 torch.set_num_threads(2)
 
 
@@ -317,7 +320,7 @@ def test_eval_cache_matches_train_and_invalidates():
 
 
 def test_decode_state_changes_whenever_a_captured_graph_would_go_stale():
-    """A CUDA graph captured over the eval cache replays B̃'s address: mor.decode_state, read after the capture,
+    """A CUDA graph captured over the eval cache replays B̃'s address: decode_state, read after the capture,
     must change on everything that frees or outdates the cache (train(), eval(), .to(), an in-place update) and
     on nothing else (repeated cached forwards), so a replay can refuse or capture again (bench/infer.py)."""
     model = nn.Sequential(mor.MoRLinear(nn.Linear(12, 10), r=4, alpha=8, num_experts=3, dropout=0.0), nn.ReLU(),
@@ -329,20 +332,20 @@ def test_decode_state_changes_whenever_a_captured_graph_would_go_stale():
     def capture():  # what a capture leaves behind: the cache's tensors, read by address on every replay
         with torch.no_grad():
             model(x)
-        return mor.decode_state(model), model[0]._cache[1][1].data_ptr()
+        return decode_state(model), model[0]._cache[1][1].data_ptr()
     state, _ = capture()
     assert state == ((state[0][0], True),)
     with torch.no_grad():
         model(x)
-    assert mor.decode_state(model) == state  # a forward that reuses the cache keeps the graph valid
+    assert decode_state(model) == state  # a forward that reuses the cache keeps the graph valid
     for stale in (lambda: model.train().eval(), lambda: model.eval(), lambda: model.to(torch.float32),
                   lambda: model[0].omega_B.add_(0.0)):  # an optimizer step: same values would do, same address
         with torch.no_grad():
             stale()
             model(x)  # an eager forward rebuilds the cache at a new address: only the generation tells
-        assert not model.training and mor.decode_state(model) != state, stale
+        assert not model.training and decode_state(model) != state, stale
         state, _ = capture()  # captured again: valid until the next change
-        assert mor.decode_state(model) == state and state[0][1]
+        assert decode_state(model) == state and state[0][1]
 
 
 def test_eval_with_parameters_made_under_inference_mode():
@@ -612,7 +615,7 @@ def test_parameter_counts_follow_table2():
         if name == "mor_mean":
             hyper["router"] = "mean"
         mor.add_adapters(model, name.split("_")[0], targets=("0", "2"), **hyper)
-        assert mor.count_parameters(model) == (n, n + total_base), name
+        assert table2.count_parameters(model) == (n, n + total_base), name
         assert sum(v.numel() for v in mor.adapter_state_dict(model).values()) == n
 
 

@@ -2,7 +2,7 @@
 
 Each method's adapters are added to a stand-in for a LLaMA's adapted part (the FFN's w1/w2/w3 of
 every layer, on the meta device: no memory, no weights), the trainable parameters counted with
-mor.count_parameters and set beside Table 2's formula evaluated on the same layers. mor.py hands
+count_parameters and set beside Table 2's formula evaluated on the same layers. mor.py hands
 its command line over to main() here, so that mor.py stays the file one copies alone.
 """
 from __future__ import annotations
@@ -60,6 +60,12 @@ def ffn_stack(params: dict, device: str = "meta") -> nn.Module:
                                                   for _ in range(params["n_layers"]))})
 
 
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; works on the meta device."""
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+
+
 def parameter_table(params: dict, targets=("w1", "w2", "w3")) -> list[dict]:
     """Trainable parameters of each method on the FFN stand-in, next to Table 2's formula."""
     rows = []
@@ -73,7 +79,7 @@ def parameter_table(params: dict, targets=("w1", "w2", "w3")) -> list[dict]:
         table2, general = FORMULAS[method][:2]
         if cfg.get("router") == "mean":  # no router W_r: the N·d_in term drops out
             table2, general = "2dr + N(d + r)", "r(d_in+d_out) + N(d_out+r)"
-        rows.append(dict(label=label, method=method, trainable=mor.count_parameters(model)[0],
+        rows.append(dict(label=label, method=method, trainable=count_parameters(model)[0],
                          formula=formula, table2=table2, general=general, paper=paper))
     return rows
 
