@@ -70,7 +70,7 @@ class AdapterLinear(nn.Module):
         """Fold ΔW into W: the layer then costs exactly a plain nn.Linear (unmerge undoes it)."""
         if hasattr(self, "router_kind"):  # MoR, MoELoRA (for MoR the paper's stated limitation)
             raise RuntimeError(f"{type(self).__name__} cannot be merged into W: the router weights "
-                               "G(x) depend on each input. In eval mode MoR caches B̃.")
+                               "G(x) depend on each input (MoRLinear caches B̃ in eval mode instead)")
         if self.merged == merge:
             raise RuntimeError(f"adapter is {'already' if merge else 'not'} merged")
         with torch.no_grad():
