@@ -298,7 +298,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_ckpt, sft, tmp_path)
     assert r.returncode == 1
     assert "is not finite" in r.stderr and "Last good checkpoint" in r.stderr
     good = open(tmp_path / "latest").read().strip()
-    state = torch.load(tmp_path / good / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / good / "state.pt", weights_only=True)
     assert state["step"] >= 1 and good in r.stderr
     weights = torch.load(tmp_path / good / "adapter.pth", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in weights.values())
