@@ -590,7 +590,7 @@ def prepare_data(s: Setup, out_dir: str, bases: list[str]) -> dict[tuple[int, st
 def plan(s: Setup, out_dir: str, bases: list[str], per: dict, results: list[dict], phase: str) -> list[dict]:
     """The runs of one phase. "sweep": base 0, the swept families, every budget, method and lr, the sweep seeds
     (100, 101, ...). "test": every base, family and budget, at the chosen lrs, seed-major (a grid cut short
-    has the same seeds everywhere)."""
+    has the same seeds everywhere), the methods before the ablations within a seed."""
     vs, out = variants(s), []
 
     def spec(b, family, i, v, seed, lr):
@@ -605,8 +605,11 @@ def plan(s: Setup, out_dir: str, bases: list[str], per: dict, results: list[dict
                 full = METHODS[v["label"]]["method"] == "full"
                 out += [spec(0, family, i, v, seed, lr) for lr in (s.full_lrs if full else s.lrs)[i]]
         return out
-    for seed, b, i, family, v in itertools.product(range(s.seeds), range(s.bases), range(len(s.budgets)),
-                                                   s.families, vs):
+    # within a seed, the methods on every base before the ablations: a grid cut short still compares the methods
+    for seed, ablation, b, i, family, v in itertools.product(range(s.seeds), (False, True), range(s.bases),
+                                                             range(len(s.budgets)), s.families, vs):
+        if (v["parent"] is not None) != ablation:
+            continue
         lr = chosen_lr(results, s, family, s.budgets[i], v["label"])
         if lr is not None:
             out.append(spec(b, family, i, v, seed, lr))
