@@ -1,24 +1,27 @@
-"""Does MoR beat LoRA? A small replication of the paper's Tables 1, 3 and 4 that runs on a CPU.
+"""Does MoR's mechanism pay? A small replication of the paper's comparisons that runs on a CPU, with bases,
+task families and training budgets as factors.
 
-    python bench/replicate.py --out_dir out/replicate            # the full grid (~45 min on 2 busy cores)
+    python bench/replicate.py --out_dir out/replicate            # the grid (docs/replication.md: its size, time)
     python bench/replicate.py --out_dir out/replicate --report   # rebuild results.md from results.jsonl
-    python bench/replicate.py --quick --out_dir /tmp/rq          # the pipeline, tiny (well under 3 minutes)
+    python bench/replicate.py --out_dir out/replicate --rerun KEY  # run one finished row again, compare numbers
+    python bench/replicate.py --quick --out_dir /tmp/rq          # the pipeline, tiny, and it learns (< 3 minutes)
 
-The task family (docs/replication.md): each task maps a string of L symbols to another, position by position,
-through its own permutation of the alphabet for every position; the task is named in the prompt
-("task 17: c a h b") and the answer is the mapped string ("h d a e"). All tasks share the inputs and the
-vocabulary but disagree on every answer, so one low-rank update must store several conflicting mappings:
-the situation where mixing experts (MoR, MoELoRA) should help. A small LLaMA is pretrained (all weights) on
-24 such tasks and written in Meta's layout; it then knows the format and how to apply a mapping, but not
-the tuning tasks' mappings, which are disjoint. Every method is tuned on the same 8 (or 4, 16) tasks, scored
-on unseen inputs by evaluate.py's multiple-choice scoring: the gold string against the same input mapped by
-three other tuning tasks (chance 25 %).
+Tasks map a string of L symbols to another, position by position; the task is named in the prompt
+("task 17: c a h b") and the answer is the mapped string ("h d a e"). Two families (docs/replication.md):
+"perm", every task its own random permutation per position (conflicting mappings, nothing shared), and
+"shared", one common permutation per position followed by a small task-specific change (a few swapped
+outputs), the structure MoR's shared (A, B) seen through per-expert rescalings is built for. A small LLaMA is
+pretrained (all weights) on 24 tasks of the "perm" kind and written in Meta's layout; it knows the format and
+how to apply a mapping, not the tuning tasks. A base is a random factor: each has its own pretraining seed,
+task draw and data split. Every method is tuned on the same 8 tasks and scored on unseen inputs by
+evaluate.py's multiple-choice scoring: the gold string against the same input under three other tuning tasks
+(chance 25 %).
 
-Protocol: an lr sweep per method on seed 0 (chosen on a validation split), then more seeds at the chosen lr
-with a fixed data split; ablations (Ω initialisation, balance-loss coefficient) and the 4/16-task variants
-reuse their parent method's lr. Runs go to results.jsonl as they finish (one line each); a rerun skips the
-runs already there, so an interrupted grid continues where it stopped. results.md is written at the end.
-Every run is train.train on a JSONL file, as a user would run it; nothing here is part of the trainer.
+Protocol: an lr sweep (4 points 2x apart, 2 seeds of their own, validation accuracy) on the first base, per
+family and budget; then test seeds on every base at the chosen lr; the sweep's runs are not in the test mean.
+Ablations (Ω's lr x 10, Ω = 1 + N(0, 0.1²)) reuse MoR's lr. Runs go to results.jsonl as they finish (one
+line each); a rerun skips the runs already there, so an interrupted grid continues where it stopped. Every
+run is train.train on a JSONL file, as a user would run it; nothing here is part of the trainer.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -68,49 +72,62 @@ METHODS = {
     "Full FT": dict(method="full"),
 }
 BASELINE = "LoRA R8"
-# the paper's claims as paired comparisons (a - b over the seeds both have): Tables 1, 3, 4 and the ablations
-CLAIMS = [("MoR E8R8", "LoRA R8"), ("MoR E8R8", "LoRA R16"), ("MoR E8R8", "MoELoRA E2R8"), ("MoR E8R8", "DoRA R8"),
-          ("MoR E2R8", "MoR E1R8"), ("MoR E4R8", "MoR E2R8"), ("MoR E8R8", "MoR E4R8"), ("MoR E8R8", "MoR E1R8"),
-          ("MoR E8R8", "MoR E8R8 mean"), ("MoR E8R8", "MoR E8R8 balanced"), ("LoRA R16", "LoRA R8"),
-          ("MoR E8R8 Ω=1+N(0,σ²)", "MoR E8R8"), ("MoR E8R8 balanced, averaged", "MoR E8R8 balanced"),
-          ("Full FT", "MoR E8R8")]
+FAMILIES = ("perm", "shared")
+# the paper's claims and the ablations as paired comparisons (a - b); "MoR" stands for Setup.mor
+CLAIMS = [("MoR", "LoRA R8"), ("MoR", "LoRA R16"), ("MoR", "MoELoRA E2R8"), ("LoRA R16", "LoRA R8"),
+          ("MoELoRA E2R8", "LoRA R8"), ("MoR Ω lr ×10", "MoR"), ("MoR Ω=1+N(0,σ²)", "MoR"), ("Full FT", "MoR")]
 
 
 @dataclass
 class Setup:
-    """Everything that fixes the task, the base and the grid."""
+    """Everything that fixes the tasks, the bases and the grid."""
     n_symbols: int = 16            # alphabet a, b, c, ... (8 was too easy: every method near 98 % at 300 steps)
     length: int = 4                # symbols per input
-    per_position: bool = True      # each position has its own permutation (else one per task)
     n_pretrain_tasks: int = 24     # the base learns these (disjoint from the tuning tasks)
-    n_tune_tasks: int = 8          # the main grid; task_counts adds variants
-    task_counts: list = field(default_factory=lambda: [4, 16])
-    n_train: int = 256             # training examples per tuning task (fixed split)
+    n_tune_tasks: int = 8
+    shared_swaps: int = 1          # "shared" family: swapped output pairs per position that make a task its own
+    n_train: int = 256             # training examples per tuning task (fixed split per base)
     n_val: int = 100               # validation items per task (lr sweep)
-    n_test: int = 500              # held-out items per task
+    n_test: int = 250              # held-out items per task
+    n_train_scored: int = 50       # training inputs per task also scored: fitting vs generalising
     n_pretrain: int = 400          # pretraining examples per pretraining task
     base: dict = field(default_factory=lambda: dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32,
                                                     norm_eps=1e-5, rope_theta=10000.0))
     pretrain_steps: int = 5000
     pretrain_lr: float = 1e-3      # 3e-3 left the base at chance on the mappings after 2000 steps
-    steps: int = 250               # tuning steps per run: LoRA R8 62 % at 200, 82 % at 300 (calibration, seed 0)
+    bases: int = 3                 # base b: pretraining seed, task draw and split from data_seed + b
+    families: list = field(default_factory=lambda: list(FAMILIES))
+    # tuning steps: the steep part, and the longest that fitted the time (calibration: LoRA R8 within 1-2.5
+    # validation points of its 1000-step accuracy at 500; docs/replication.md)
+    budgets: list = field(default_factory=lambda: [250, 500])
     batch: int = 16
     dropout: float = 0.05
-    lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
-    full_lrs: list = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    seeds: int = 10
-    variant_seeds: int = 5         # seeds of the 4/16-task variants
-    methods: list = field(default_factory=lambda: list(METHODS))
+    # lr sweep per budget (4 points 2x apart around the optimum; index = position in budgets)
+    # around the first replication's optimum (3e-3 for every adapter at 250 steps, 1e-3 and 1e-2 far worse);
+    # a longer schedule moves Adam further at the same lr, so the plateau's points are 2 x lower
+    lrs: list = field(default_factory=lambda: [[1.5e-3, 3e-3, 6e-3, 1.2e-2], [7.5e-4, 1.5e-3, 3e-3, 6e-3]])
+    full_lrs: list = field(default_factory=lambda: [[2.5e-4, 5e-4, 1e-3, 2e-3], [1.25e-4, 2.5e-4, 5e-4, 1e-3]])
+    sweep_seeds: int = 2           # seeds 100, 101, ...: none of them is a test seed
+    # the families swept; the others reuse the first's lrs (time: one family's sweep costs ~ a third of the grid)
+    sweep_families: list = field(default_factory=lambda: ["shared"])
+    seeds: int = 2                 # test seeds 0, 1, ... per base
+    # full fine-tuning only calibrates (docs/replication.md): the time goes to the adapters
+    methods: list = field(default_factory=lambda: ["LoRA R8", "LoRA R16", "MoELoRA E2R8", "MoR E8R8"])
+    mor: str = "MoR E8R8"          # the MoR method the ablations vary
     ablations: bool = True
     omega_std: float = 0.1         # the ablation's Ω = 1 + N(0, σ²)
+    omega_lr_mult: float = 10.0    # the ablation's Ω learning rate multiplier
     data_seed: int = 1234
 
 
-QUICK = dict(n_symbols=8, n_tune_tasks=4, task_counts=[], n_train=32, n_val=10, n_test=20, n_pretrain=40, n_pretrain_tasks=6,
-             base=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, norm_eps=1e-5,
-                       rope_theta=10000.0),
-             pretrain_steps=30, steps=8, batch=8, lrs=[3e-3], full_lrs=[1e-3], seeds=2, variant_seeds=0,
-             methods=["LoRA R8", "MoR E2R8", "Full FT"], ablations=False)
+# tiny, and still learns: a base of dim 64 pretrained 1000 steps applies mappings well enough that full
+# fine-tuning lifts held-out accuracy well above acc_before in 150 steps (quick test: ~40 % vs ~23 %)
+QUICK = dict(n_symbols=6, length=3, n_pretrain_tasks=6, n_tune_tasks=4, n_train=64, n_val=16, n_test=32,
+             n_train_scored=16, n_pretrain=200, pretrain_steps=1000, pretrain_lr=2e-3,
+             base=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, norm_eps=1e-5, rope_theta=10000.0),
+             bases=2, budgets=[150], lrs=[[1e-2]], full_lrs=[[3e-3]], sweep_seeds=1, sweep_families=["perm"],
+             seeds=1, methods=["LoRA R8", "MoR E2R8", "Full FT"], mor="MoR E2R8")
+
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -129,15 +146,45 @@ def paired_interval(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return statistics.mean(d), t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
 
 
-# ----------------------------------------------------------------------------- the task family
+def base_interval(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]) -> tuple[float, float, int]:
+    """a, b: {base: {seed: value}}. Per base, the mean over the seeds both have of a - b (seeds paired: same
+    split, init seed and data order); then bases are the unit: mean over bases and the half-width of its 95 %
+    t-interval with n_bases - 1 degrees of freedom, so between-base variance is counted. Returns (mean,
+    half-width, n_bases)."""
+    per_base = []
+    for k in sorted(set(a) & set(b)):
+        common = sorted(set(a[k]) & set(b[k]))
+        if common:
+            per_base.append(statistics.mean(a[k][s] - b[k][s] for s in common))
+    m, h = paired_interval(per_base, [0.0] * len(per_base))
+    return m, h, len(per_base)
 
-def make_tasks(n: int, n_symbols: int, length: int, seed: int, per_position: bool = True) -> list[list[list[int]]]:
-    """n tasks, each a list of `length` random permutations of range(n_symbols): one per position, or
-    (per_position=False) the same one at every position."""
+
+# ----------------------------------------------------------------------------- the task families
+
+def make_tasks(n: int, n_symbols: int, length: int, seed: int) -> list[list[list[int]]]:
+    """The "perm" family: n tasks, each `length` random permutations of range(n_symbols), one per position."""
     rng = random.Random(seed)
-    if not per_position:
-        return [[perm] * length for perm in (rng.sample(range(n_symbols), n_symbols) for _ in range(n))]
     return [[rng.sample(range(n_symbols), n_symbols) for _ in range(length)] for _ in range(n)]
+
+
+def make_shared_tasks(n: int, n_symbols: int, length: int, swaps: int, seed: int) -> list[list[list[int]]]:
+    """The "shared" family: one common permutation C_p per position, drawn once; task k then swaps the outputs
+    of `swaps` random pairs of inputs in every position (its own change of C). Most of every task's table is
+    C (with 16 symbols and one swap, 14 of 16 entries per position), so one low-rank update serves all tasks
+    and each task adds a small correction: the structure MoR's shared (A, B) with per-expert scalings fits."""
+    rng = random.Random(seed)
+    common = [rng.sample(range(n_symbols), n_symbols) for _ in range(length)]
+    tasks = []
+    for _ in range(n):
+        perms = []
+        for c in common:
+            p = list(c)
+            for i, j in (rng.sample(range(n_symbols), 2) for _ in range(swaps)):
+                p[i], p[j] = p[j], p[i]
+            perms.append(p)
+        tasks.append(perms)
+    return tasks
 
 
 def apply_task(perms: list[list[int]], x: list[int]) -> list[int]:
@@ -153,25 +200,37 @@ def question(task_id: int, x: list[int]) -> str:
     return f"task {task_id}: {spell(x)}"
 
 
-def task_ids(s: Setup) -> tuple[list[int], list[int]]:
-    """(pretraining ids, tuning ids): one shuffled numbering, so tuning names look like pretraining names."""
-    ids = list(range(s.n_pretrain_tasks + max([s.n_tune_tasks] + s.task_counts)))
-    random.Random(s.data_seed).shuffle(ids)
+def base_seed(s: Setup, b: int) -> int:
+    return s.data_seed + b
+
+
+def task_ids(s: Setup, b: int) -> tuple[list[int], list[int]]:
+    """(pretraining ids, tuning ids) of base b: one shuffled numbering, so tuning names look like pretraining
+    names."""
+    ids = list(range(s.n_pretrain_tasks + s.n_tune_tasks))
+    random.Random(base_seed(s, b)).shuffle(ids)
     return ids[:s.n_pretrain_tasks], ids[s.n_pretrain_tasks:]
 
 
-def all_tasks(s: Setup) -> dict[int, list[list[int]]]:
-    pre, tune = task_ids(s)
+def all_tasks(s: Setup, b: int, family: str) -> dict[int, list[list[int]]]:
+    """Base b's pretraining tasks (always "perm") and its tuning tasks of `family`, {task id: permutations}."""
+    pre, tune = task_ids(s, b)
     ids = pre + tune
-    return dict(zip(ids, make_tasks(len(ids), s.n_symbols, s.length, s.data_seed + 1, s.per_position)))
+    perm = dict(zip(ids, make_tasks(len(ids), s.n_symbols, s.length, base_seed(s, b) + 1)))
+    if family == "perm":
+        return perm
+    if family != "shared":
+        raise ValueError(f"unknown task family {family!r}; choose from {', '.join(FAMILIES)}")
+    shared = make_shared_tasks(len(tune), s.n_symbols, s.length, s.shared_swaps, base_seed(s, b) + 2)
+    return {**{t: perm[t] for t in pre}, **dict(zip(tune, shared))}
 
 
-def split_inputs(s: Setup, task_id: int) -> dict[str, list[list[int]]]:
-    """Disjoint train / val / test inputs of one tuning task (the same split for every run)."""
+def split_inputs(s: Setup, b: int, task_id: int) -> dict[str, list[list[int]]]:
+    """Disjoint train / val / test inputs of one tuning task of base b (the same for both families)."""
     need = s.n_train + s.n_val + s.n_test
     if need > s.n_symbols ** s.length:
         raise ValueError(f"{need} inputs per task, but only {s.n_symbols ** s.length} exist")
-    rng = random.Random(s.data_seed * 1000 + task_id)
+    rng = random.Random(base_seed(s, b) * 1000 + task_id)
     picks = rng.sample(range(s.n_symbols ** s.length), need)
     xs = [[(k // s.n_symbols ** p) % s.n_symbols for p in range(s.length)] for k in picks]
     return dict(train=xs[:s.n_train], val=xs[s.n_train:s.n_train + s.n_val], test=xs[s.n_train + s.n_val:])
@@ -200,54 +259,67 @@ def mc_item(task_id: int, tasks: dict, others: list[int], x: list[int], rng: ran
     return {"context": data.chat_prompt(question(task_id, x)), "choices": choices, "gold": choices.index(gold)}
 
 
-def task_data(s: Setup, n_tasks: int) -> dict:
-    """Training rows and val/test multiple-choice items {task name: items} of the first n_tasks tuning tasks."""
-    tasks, (_, tune) = all_tasks(s), task_ids(s)
-    active = tune[:n_tasks]
-    rng = random.Random(s.data_seed + n_tasks)
-    rows, val, test = [], {}, {}
-    for t in active:
-        split = split_inputs(s, t)
+def task_data(s: Setup, b: int, family: str) -> dict:
+    """Base b, family: training rows, and multiple-choice items {task name: items} for val, test and a sample
+    of the training inputs ("fit": scored to tell not fitting from not generalising)."""
+    tasks, (_, tune) = all_tasks(s, b, family), task_ids(s, b)
+    rng = random.Random(base_seed(s, b) * 10 + FAMILIES.index(family))
+    rows, out = [], {"val": {}, "test": {}, "fit": {}}
+    for t in tune:
+        split = split_inputs(s, b, t)
         rows += [chat_row(t, tasks[t], x) for x in split["train"]]
-        others = [o for o in active if o != t]
-        val[f"task {t}"] = [mc_item(t, tasks, others, x, rng) for x in split["val"]]
-        test[f"task {t}"] = [mc_item(t, tasks, others, x, rng) for x in split["test"]]
-    return {"train": rows, "val": val, "test": test}
+        others = [o for o in tune if o != t]
+        for part, xs in (("val", split["val"]), ("test", split["test"]), ("fit", split["train"][:s.n_train_scored])):
+            out[part][f"task {t}"] = [mc_item(t, tasks, others, x, rng) for x in xs]
+    return {"train": rows, **out}
 
 
-# ----------------------------------------------------------------------------- the base
+# ----------------------------------------------------------------------------- the bases
 
-def fingerprint(s: Setup) -> str:
-    """Hash of what the base depends on: a cached base is reused only for the same settings."""
-    keys = ("n_symbols", "length", "per_position", "n_pretrain_tasks", "n_tune_tasks", "task_counts", "n_pretrain", "base",
-            "pretrain_steps", "pretrain_lr", "data_seed")
-    return hashlib.sha1(json.dumps({k: getattr(s, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:10]
+def code_key() -> str:
+    """torch's version and the bytes of the files a base's numbers go through: a change in either may round
+    differently, so the cache must not reuse a base built before it."""
+    h = hashlib.sha1(torch.__version__.encode())
+    for f in ("llama.py", "train.py", "data.py", "mor.py", os.path.join("demo", "demo.py")):
+        with open(os.path.join(ROOT, f), "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:10]
 
 
-def build_base(s: Setup, out_dir: str) -> str:
-    """Pretrain the small LLaMA on the pretraining tasks (all weights) and write it in Meta's layout; cached."""
-    base_dir = os.path.join(out_dir, f"base_{fingerprint(s)}")
+def fingerprint(s: Setup, b: int) -> str:
+    """Hash of everything base b depends on (settings, its seed, the code): a cached base is reused only then."""
+    keys = ("n_symbols", "length", "n_pretrain_tasks", "n_tune_tasks", "n_pretrain", "base", "pretrain_steps",
+            "pretrain_lr", "data_seed")
+    key = dict({k: getattr(s, k) for k in keys}, b=b, code=code_key())
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def build_base(s: Setup, b: int, out_dir: str) -> str:
+    """Pretrain base b (all weights) on its pretraining tasks and write it in Meta's layout; cached."""
+    base_dir = os.path.join(out_dir, f"base{b}_{fingerprint(s, b)}")
     if os.path.isfile(os.path.join(base_dir, "consolidated.00.pth")):
         return base_dir
     work = base_dir + ".tmp"
     shutil.rmtree(work, ignore_errors=True)
-    tasks, (pre, tune) = all_tasks(s), task_ids(s)
-    rng = random.Random(s.data_seed + 7)
+    tasks, (pre, tune) = all_tasks(s, b, "perm"), task_ids(s, b)
+    rng = random.Random(base_seed(s, b) + 7)
     rows = [chat_row(t, tasks[t], [rng.randrange(s.n_symbols) for _ in range(s.length)])
             for t in pre for _ in range(s.n_pretrain)]
     rng.shuffle(rows)
     # the tokenizer sees every task name and symbol, tuning ones included, so no tuning name is an unknown piece
     texts = [data.format_chat(r["messages"]) for r in rows] + [question(t, [0] * s.length) for t in tune]
-    tok = data.train_tokenizer(texts, os.path.join(work, "tokenizer.model"), vocab_size=320)
+    with contextlib.redirect_stdout(io.StringIO()):
+        tok = data.train_tokenizer(texts, os.path.join(work, "tokenizer.model"), vocab_size=320)
     params = dict(s.base, vocab_size=Tokenizer(tok).n_words)
-    torch.manual_seed(s.data_seed)
+    torch.manual_seed(base_seed(s, b))
     rand = write_meta_checkpoint(os.path.join(work, "random"), params, Transformer(ModelArgs(**params)).state_dict(),
                                  tok)
     cfg = train.TrainConfig(ckpt_dir=rand, data=[data.write_jsonl(rows, os.path.join(work, "pretrain.jsonl"))],
                             method="full", lr=s.pretrain_lr, val_size=0, max_steps=s.pretrain_steps,
-                            global_batch=32, micro_batch=32, max_len=64, pad_to_multiple=8, progress=True,
-                            ckpt_every=10**9, seed=0, dropout=0.0, out_dir=os.path.join(work, "run"))
-    model = train.train(cfg)
+                            global_batch=32, micro_batch=32, max_len=64, pad_to_multiple=8, progress=False,
+                            ckpt_every=10**9, seed=b, dropout=0.0, device="cpu", out_dir=os.path.join(work, "run"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = train.train(cfg)
     write_meta_checkpoint(work, params, model.state_dict(), tok)
     for sub in ("random", "run"):
         shutil.rmtree(os.path.join(work, sub))
@@ -256,43 +328,87 @@ def build_base(s: Setup, out_dir: str) -> str:
     return base_dir
 
 
+def build_base_job(args: tuple) -> tuple[int, str]:
+    """(b, build_base) for a worker process (one picklable argument; workers finish in any order)."""
+    s, b, out_dir = args
+    return b, build_base(Setup(**s), b, out_dir)
+
+
 # ----------------------------------------------------------------------------- one run
 
+def omega_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for _, m in mor.adapter_layers(model) if isinstance(m, mor.MoRLinear) for p in (m.omega_A, m.omega_B)]
+
+
+def split_omega_group(optimizer: torch.optim.Optimizer, scheduler, omegas: list, mult: float) -> None:
+    """Move the Ω parameters into a second param group whose lr is `mult` × the others' at every step.
+    Called on an optimizer without state, right after its LambdaLR was made: the group's base lr is scaled
+    and the schedule's multiplier then applies to both groups alike."""
+    ids = {id(p) for p in omegas}
+    group = optimizer.param_groups[0]
+    group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.add_param_group({"params": list(omegas), "lr": group["lr"] * mult, "initial_lr": group["initial_lr"] * mult})
+    scheduler.base_lrs.append(group["initial_lr"] * mult)
+    scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 @contextlib.contextmanager
-def omega_noise(std: float):
-    """While active, MoR layers start from Ω = 1 + N(0, std²) instead of mor.py's ones (the ablation).
-    train.prepare_model is wrapped rather than mor.py changed: the noise is drawn right after add_adapters,
-    from the run's seed, so the rest of the run is the stock trainer."""
-    if not std:
+def omega_changes(std: float, lr_mult: float):
+    """While active, MoR layers start from Ω = 1 + N(0, std²) instead of mor.py's ones, and Ω trains at
+    lr_mult × the lr of the other parameters (the ablations). train.prepare_model and train.make_scheduler are
+    wrapped rather than train.py changed: the noise is drawn right after add_adapters from the run's seed, the
+    second param group is made before the first step, and the rest of the run is the stock trainer."""
+    if not std and lr_mult == 1:
         yield
         return
-    stock = train.prepare_model
+    stock_prepare, stock_scheduler, seen = train.prepare_model, train.make_scheduler, {}
 
     def prepare(model, cfg):
-        stock(model, cfg)
+        stock_prepare(model, cfg)
+        seen["omegas"] = omega_params(model)
         g = torch.Generator().manual_seed(cfg.seed + 99)
         with torch.no_grad():
-            for _, m in mor.adapter_layers(model):
-                if isinstance(m, mor.MoRLinear):
-                    for p in (m.omega_A, m.omega_B):
-                        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    train.prepare_model = prepare
+            for p in seen["omegas"] if std else []:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+    def make_scheduler(optimizer, cfg, schedule, step):
+        scheduler = stock_scheduler(optimizer, cfg, schedule, step)
+        if lr_mult != 1:
+            split_omega_group(optimizer, scheduler, seen["omegas"], lr_mult)
+        return scheduler
+    train.prepare_model, train.make_scheduler = prepare, make_scheduler
     try:
         yield
     finally:
-        train.prepare_model = stock
+        train.prepare_model, train.make_scheduler = stock_prepare, stock_scheduler
+
+
+def mor_layers(model: torch.nn.Module) -> list:
+    return [m for _, m in mor.adapter_layers(model) if isinstance(m, mor.MoRLinear) and m.num_experts > 1]
 
 
 def omega_spread(model: torch.nn.Module) -> dict | None:
-    """How different the experts are: per MoR layer, std over experts / |mean| of each Ω entry, averaged over
-    entries and layers (0 when every expert is the same rescaling). None without multi-expert MoR layers."""
+    """Per MoR layer, std over experts / |mean| of each Ω entry, averaged over entries and layers (0 when
+    every expert is the same rescaling). None without multi-expert MoR layers."""
     out = {"A": [], "B": []}
-    for _, m in mor.adapter_layers(model):
-        if isinstance(m, mor.MoRLinear) and m.num_experts > 1:
-            for k, p in (("A", m.omega_A), ("B", m.omega_B)):
-                w = p.detach().float()
-                out[k].append(float((w.std(0) / w.mean(0).abs().clamp(min=1e-8)).mean()))
+    for m in mor_layers(model):
+        for k, p in (("A", m.omega_A), ("B", m.omega_B)):
+            w = p.detach().float()
+            out[k].append(float((w.std(0) / w.mean(0).abs().clamp(min=1e-8)).mean()))
     return {k: statistics.mean(v) for k, v in out.items()} if out["A"] else None
+
+
+def d_spread(model: torch.nn.Module) -> float | None:
+    """How far the experts' directions are apart: per MoR layer, the mean over experts of ‖D_i − D̄‖ / ‖D̄‖
+    (Frobenius; D_i = mor's `direction`, D̄ their mean), averaged over layers. 0: every expert is one update."""
+    out = []
+    with torch.no_grad():
+        for m in mor_layers(model):
+            D = torch.stack([m.direction(i).double() for i in range(m.num_experts)])
+            mean = D.mean(0)
+            out.append(float(torch.linalg.norm(D - mean, dim=(1, 2)).mean() / torch.linalg.norm(mean).clamp(min=1e-30)))
+    return statistics.mean(out) if out else None
 
 
 def routed_layers(model: torch.nn.Module) -> list:
@@ -300,26 +416,43 @@ def routed_layers(model: torch.nn.Module) -> list:
             and m.num_experts > 1]
 
 
+def entropy(p: list[float]) -> float:
+    """Entropy of p divided by log N (1 = uniform)."""
+    return -sum(x * math.log(x) for x in p if x > 0) / math.log(len(p))
+
+
+def total_variation(p: list[float], q: list[float]) -> float:
+    return 0.5 * sum(abs(a - b) for a, b in zip(p, q))
+
+
 def score(model, tokenizer, items: dict[str, list[dict]], routers: list | None = None) -> tuple[dict, dict]:
-    """Accuracy per task and over all items (evaluate.py's scoring); with routers, the entropy (nats, divided
-    by log N) of each layer's mean router weights over the task's tokens, averaged over layers (Fig. 7's view:
-    low = the task picks a few experts)."""
-    acc, entropy = {}, {}
+    """Accuracy per task and over all items (evaluate.py's scoring); with routers, each layer's mean router
+    weights over each task's tokens: {task: [per layer: [N weights]]} (the Fig. 7 view)."""
+    acc, weights = {}, {}
     for name, its in items.items():
         for m in routers or []:
             m.router_sum.zero_()
             m.router_count.zero_()
             m.record_router = True
         acc[name] = evaluate.score_multiple_choice(model, tokenizer, its, batch_size=64, delimiter="")["acc"]
+        for m in routers or []:
+            m.record_router = False
         if routers:
-            hs = []
-            for m in routers:
-                m.record_router = False
-                p = (m.router_sum / m.router_count.clamp(min=1)).clamp(min=1e-12)
-                hs.append(float(-(p * p.log()).sum() / math.log(m.num_experts)))
-            entropy[name] = statistics.mean(hs)
+            weights[name] = [(m.router_sum / m.router_count.clamp(min=1)).tolist() for m in routers]
     acc["all"] = sum(acc[n] * len(items[n]) for n in items) / sum(len(v) for v in items.values())
-    return acc, entropy
+    return acc, weights
+
+
+def router_stats(weights: dict[str, list[list[float]]]) -> tuple[dict, float] | tuple[None, None]:
+    """({task: entropy of its mean router weights / log N, averaged over layers}, per-task router divergence:
+    the total variation between two tasks' mean router weights, averaged over task pairs and layers). Equal
+    entropies can hide different experts; the divergence is 0 only when every task uses the experts alike."""
+    if not weights:
+        return None, None
+    ent = {t: statistics.mean(entropy(p) for p in ws) for t, ws in weights.items()}
+    tv = [total_variation(weights[a][k], weights[b][k]) for a, b in itertools.combinations(weights, 2)
+          for k in range(len(weights[a]))]
+    return ent, (statistics.mean(tv) if tv else 0.0)
 
 
 def run_one(spec: dict) -> dict:
@@ -330,26 +463,30 @@ def run_one(spec: dict) -> dict:
     run_dir = os.path.join(spec["out_dir"], "runs", spec["key"].replace(" ", "_").replace("|", "_"))
     shutil.rmtree(run_dir, ignore_errors=True)   # a run killed half-way starts over
     hyper = {k: v for k, v in METHODS[spec["label"]].items()}
-    hyper.update(spec.get("override", {}))
-    cfg = train.TrainConfig(ckpt_dir=spec["base"], data=[spec["train_path"]], lr=spec["lr"], val_size=0,
-                            max_steps=s.steps, global_batch=s.batch, micro_batch=s.batch, max_len=64,
+    cfg = train.TrainConfig(ckpt_dir=spec["base_dir"], data=[spec["train_path"]], lr=spec["lr"], val_size=0,
+                            max_steps=spec["steps"], global_batch=s.batch, micro_batch=s.batch, max_len=64,
                             pad_to_multiple=8, progress=False, ckpt_every=10**9, seed=spec["seed"],
                             dropout=s.dropout, device="cpu", out_dir=run_dir, **hyper)
-    with omega_noise(spec.get("omega_std", 0.0)), contextlib.redirect_stdout(io.StringIO()):
+    with omega_changes(spec["omega_std"], spec["omega_lr_mult"]), contextlib.redirect_stdout(io.StringIO()):
         model = train.train(cfg)
     model.eval()
-    tokenizer = Tokenizer(os.path.join(spec["base"], "tokenizer.model"))
-    val, _ = score(model, tokenizer, d["val"])
-    test, entropy = score(model, tokenizer, d["test"], routed_layers(model))
+    tokenizer = Tokenizer(os.path.join(spec["base_dir"], "tokenizer.model"))
+    # the sweep is scored on validation only, a test run on test and training inputs only (time: scoring is
+    # about a third of a 250-step run)
+    sweep = spec["phase"] == "sweep"
+    val = score(model, tokenizer, d["val"])[0] if sweep else {"all": None}
+    fit = {"all": None} if sweep else score(model, tokenizer, d["fit"])[0]
+    test, weights = ({"all": None}, {}) if sweep else score(model, tokenizer, d["test"], routed_layers(model))
+    ent, tv = router_stats(weights)
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     shutil.rmtree(run_dir, ignore_errors=True)
-    return dict(key=spec["key"], phase=spec["phase"], label=spec["label"], variant=spec["variant"],
-                method=cfg.method, r=cfg.r, num_experts=cfg.num_experts, router=cfg.router,
-                balance_coef=cfg.balance_coef, omega_std=spec.get("omega_std", 0.0), n_tasks=spec["n_tasks"],
-                seed=spec["seed"], lr=spec["lr"], acc=test["all"], acc_val=val["all"],
-                acc_before=spec["acc_before"], per_task={k: v for k, v in test.items() if k != "all"},
-                params=count_parameters(model)[0], omega_spread=omega_spread(model),
-                router_entropy=entropy or None, loss_first=log[0]["loss"], loss_last=log[-1]["loss"],
+    tail = log[-max(1, len(log) // 10):]   # the last 10 % of steps: the train loss the run ended at
+    keep = ("key", "phase", "base", "family", "steps", "label", "variant", "seed", "lr", "omega_std", "omega_lr_mult")
+    return dict({k: spec[k] for k in keep}, method=cfg.method, r=cfg.r, num_experts=cfg.num_experts,
+                acc=test["all"], acc_val=val["all"], acc_fit=fit["all"], acc_before=spec["acc_before"],
+                per_task={k: v for k, v in test.items() if k != "all"}, params=count_parameters(model)[0],
+                omega_spread=omega_spread(model), d_spread=d_spread(model), router_entropy=ent, router_tv=tv,
+                loss_first=log[0]["loss"], loss_end=statistics.mean(r["loss"] for r in tail),
                 time_s=round(time.time() - t0, 1))
 
 
@@ -359,28 +496,19 @@ def worker_init() -> None:
 
 # ----------------------------------------------------------------------------- the grid
 
-def variants(s: Setup, out_dir: str) -> list[dict]:
-    """(variant name, label, n_tasks, overrides, omega_std, parent label for the lr, seeds) of the grid."""
-    out = [dict(variant=m, label=m, n_tasks=s.n_tune_tasks, override={}, omega_std=0.0, parent=None,
-                seeds=s.seeds) for m in s.methods]
-    if s.ablations and "MoR E8R8" in s.methods:
-        out.append(dict(variant="MoR E8R8 Ω=1+N(0,σ²)", label="MoR E8R8", n_tasks=s.n_tune_tasks, override={},
-                        omega_std=s.omega_std, parent="MoR E8R8", seeds=s.seeds))
-    if s.ablations and "MoR E8R8 balanced" in s.methods:
-        n_layers = s.base["n_layers"] * 3   # w1, w2, w3 of every block
-        out.append(dict(variant="MoR E8R8 balanced, averaged", label="MoR E8R8 balanced", n_tasks=s.n_tune_tasks,
-                        override=dict(balance_coef=0.01 / n_layers), omega_std=0.0, parent="MoR E8R8 balanced",
-                        seeds=s.seeds))
-    for n in s.task_counts:
-        for m in (BASELINE, "MoR E8R8"):
-            if m in s.methods:
-                out.append(dict(variant=f"{m}, {n} tasks", label=m, n_tasks=n, override={}, omega_std=0.0,
-                                parent=m, seeds=s.variant_seeds))
+def variants(s: Setup) -> list[dict]:
+    """The grid's rows: every method, and the ablations of Setup.mor (they reuse its lr: `parent`)."""
+    out = [dict(variant=m, label=m, omega_std=0.0, omega_lr_mult=1.0, parent=None) for m in s.methods]
+    if s.ablations and s.mor in s.methods:
+        out.append(dict(variant="MoR Ω lr ×10", label=s.mor, omega_std=0.0, omega_lr_mult=s.omega_lr_mult,
+                        parent=s.mor))
+        out.append(dict(variant="MoR Ω=1+N(0,σ²)", label=s.mor, omega_std=s.omega_std, omega_lr_mult=1.0,
+                        parent=s.mor))
     return out
 
 
-def run_key(v: dict, seed: int, lr: float) -> str:
-    return f"{v['variant']}|seed{seed}|lr{lr:g}"
+def run_key(base: int, family: str, steps: int, variant: str, seed: int, lr: float) -> str:
+    return f"base{base}|{family}|{steps}steps|{variant}|seed{seed}|lr{lr:g}"
 
 
 def load_results(path: str) -> list[dict]:
@@ -397,174 +525,226 @@ def load_results(path: str) -> list[dict]:
     return out
 
 
-def chosen_lr(results: list[dict], variant: str) -> float | None:
-    """The sweep's lr with the best validation accuracy (seed 0); the smaller lr on a tie."""
-    sweep = sorted((r for r in results if r["variant"] == variant and r["phase"] == "sweep"), key=lambda r: r["lr"])
-    return max(sweep, key=lambda r: r["acc_val"])["lr"] if sweep else None
+def sweep_table(results: list[dict], family: str, steps: int, variant: str) -> dict[float, float]:
+    """{lr: validation accuracy averaged over the sweep's seeds} of one method, family and budget."""
+    by_lr: dict[float, list[float]] = {}
+    for r in results:
+        if r["phase"] == "sweep" and (r["family"], r["steps"], r["variant"]) == (family, steps, variant):
+            by_lr.setdefault(r["lr"], []).append(r["acc_val"])
+    return {lr: statistics.mean(v) for lr, v in sorted(by_lr.items())}
 
 
-def execute(specs: list[dict], workers: int, results_path: str, desc: str) -> list[dict]:
-    """Run specs (in parallel processes), appending each result to results.jsonl as it finishes."""
+def chosen_lr(results: list[dict], s: Setup, family: str, steps: int, label: str) -> float | None:
+    """The sweep's lr with the best mean validation accuracy (the smaller on a tie), from this family's sweep
+    or, for a family that was not swept, the first swept family's."""
+    swept = family if family in s.sweep_families else s.sweep_families[0]
+    table = sweep_table(results, swept, steps, label)
+    return max(table, key=lambda lr: (table[lr], -lr)) if table else None
+
+
+def execute(fn, specs: list[dict], workers: int, results_path: str | None, desc: str) -> list:
+    """Run fn over specs in parallel processes; with results_path, append each result to it as it finishes."""
     from tqdm import tqdm
     done = []
     if not specs:
         return done
-    bar = tqdm(total=len(specs), desc=desc, unit="run", dynamic_ncols=True)
+    bar = tqdm(total=len(specs), desc=desc, unit="run", dynamic_ncols=True, mininterval=30)
     with contextlib.ExitStack() as stack:
-        if workers > 1:
+        if workers > 1 and len(specs) > 1:
             pool = stack.enter_context(mp.get_context("spawn").Pool(workers, initializer=worker_init))
-            it = pool.imap_unordered(run_one, specs)
+            it = pool.imap_unordered(fn, specs)
         else:
             worker_init()
-            it = map(run_one, specs)
+            it = map(fn, specs)
         for rec in it:
-            with open(results_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if results_path:
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix_str(f"{rec['key']}: {rec['acc'] if rec['acc'] is not None else rec['acc_val']:.3f}")
             done.append(rec)
-            bar.set_postfix_str(f"{rec['variant']} seed {rec['seed']}: {rec['acc']:.3f}")
             bar.update(1)
     bar.close()
     return done
 
 
-def prepare_data(s: Setup, out_dir: str, base: str) -> dict[int, dict]:
-    """Per task count: training JSONL, items JSON and the base's accuracy before tuning (all cached)."""
+def prepare_data(s: Setup, out_dir: str, bases: list[str]) -> dict[tuple[int, str], dict]:
+    """Per (base, family): training JSONL, items JSON and the base's test accuracy before tuning (cached)."""
     out = {}
-    tokenizer = None
-    for n in sorted({s.n_tune_tasks, *s.task_counts}):
-        prefix = os.path.join(out_dir, f"data_{fingerprint(s)}_{n}tasks")
-        d = task_data(s, n)
-        train_path = data.write_jsonl(d["train"], prefix + ".jsonl")
-        with open(prefix + ".items.json", "w") as f:
-            json.dump({"val": d["val"], "test": d["test"]}, f)
-        before_path = prefix + ".before.json"
-        if not os.path.isfile(before_path):
-            tokenizer = tokenizer or Tokenizer(os.path.join(base, "tokenizer.model"))
-            acc, _ = score(Transformer.from_checkpoint(base).eval(), tokenizer, d["test"])
-            with open(before_path, "w") as f:
-                json.dump(acc, f)
-        out[n] = dict(train_path=train_path, data_path=prefix + ".items.json",
-                      acc_before=json.load(open(before_path))["all"])
+    for b, base in enumerate(bases):
+        for family in s.families:
+            prefix = os.path.join(out_dir, f"data{b}_{fingerprint(s, b)}_{family}")
+            d = task_data(s, b, family)
+            train_path = data.write_jsonl(d["train"], prefix + ".jsonl")
+            with open(prefix + ".items.json", "w") as f:
+                json.dump({k: d[k] for k in ("val", "test", "fit")}, f)
+            before_path = prefix + ".before.json"
+            if not os.path.isfile(before_path):
+                tokenizer = Tokenizer(os.path.join(base, "tokenizer.model"))
+                acc, _ = score(Transformer.from_checkpoint(base).eval(), tokenizer, d["test"])
+                with open(before_path, "w") as f:
+                    json.dump(acc, f)
+            out[b, family] = dict(train_path=train_path, data_path=prefix + ".items.json",
+                                  acc_before=json.load(open(before_path))["all"])
+    return out
+
+
+def plan(s: Setup, out_dir: str, bases: list[str], per: dict, results: list[dict], phase: str) -> list[dict]:
+    """The runs of one phase. "sweep": base 0, the swept families, every budget, method and lr, the sweep seeds
+    (100, 101, ...). "test": every base, family and budget, at the chosen lrs, seed-major (a grid cut short
+    has the same seeds everywhere), the methods before the ablations within a seed."""
+    vs, out = variants(s), []
+
+    def spec(b, family, i, v, seed, lr):
+        return dict(key=run_key(b, family, s.budgets[i], v["variant"], seed, lr), phase=phase, base=b, family=family,
+                    steps=s.budgets[i], label=v["label"], variant=v["variant"], seed=seed, lr=lr,
+                    omega_std=v["omega_std"], omega_lr_mult=v["omega_lr_mult"], base_dir=bases[b], out_dir=out_dir,
+                    setup=asdict(s), **per[b, family])
+    if phase == "sweep":
+        for family, i, v, seed in itertools.product(s.sweep_families, range(len(s.budgets)), vs,
+                                                    range(100, 100 + s.sweep_seeds)):
+            if v["parent"] is None:
+                full = METHODS[v["label"]]["method"] == "full"
+                out += [spec(0, family, i, v, seed, lr) for lr in (s.full_lrs if full else s.lrs)[i]]
+        return out
+    # within a seed, the methods on every base before the ablations: a grid cut short still compares the methods
+    for seed, ablation, b, i, family, v in itertools.product(range(s.seeds), (False, True), range(s.bases),
+                                                             range(len(s.budgets)), s.families, vs):
+        if (v["parent"] is not None) != ablation:
+            continue
+        lr = chosen_lr(results, s, family, s.budgets[i], v["label"])
+        if lr is not None:
+            out.append(spec(b, family, i, v, seed, lr))
     return out
 
 
 def grid(s: Setup, out_dir: str, workers: int) -> list[dict]:
-    """Phase 1: the lr sweep (seed 0, every method); phase 2: the other seeds, ablations and variants."""
+    """The bases (in parallel), then phase 1, the lr sweep, then phase 2, the test seeds."""
     os.makedirs(out_dir, exist_ok=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the base and the before-scores run here, the runs in the workers
+    torch.set_num_threads(1)   # the before-scores run here, the runs in the workers
     try:
-        return _grid(s, out_dir, workers)
+        built = execute(build_base_job, [(asdict(s), b, out_dir) for b in range(s.bases)], workers, None, "bases")
+        bases = [d for _, d in sorted(built)]
+        per = prepare_data(s, out_dir, bases)
+        results_path = os.path.join(out_dir, "results.jsonl")
+        for phase in ("sweep", "test"):
+            results = load_results(results_path)
+            have = {r["key"] for r in results}
+            specs = plan(s, out_dir, bases, per, results, phase)
+            execute(run_one, [p for p in specs if p["key"] not in have], workers, results_path, phase)
+        return load_results(results_path)
     finally:
         torch.set_num_threads(threads)
 
 
-def _grid(s: Setup, out_dir: str, workers: int) -> list[dict]:
-    base = build_base(s, out_dir)
-    per_n = prepare_data(s, out_dir, base)
-    results_path = os.path.join(out_dir, "results.jsonl")
-    vs = variants(s, out_dir)
-
-    def spec(v: dict, seed: int, lr: float, phase: str) -> dict:
-        return dict(key=run_key(v, seed, lr), phase=phase, label=v["label"], variant=v["variant"], seed=seed, lr=lr,
-                    n_tasks=v["n_tasks"], override=v["override"], omega_std=v["omega_std"], base=base,
-                    out_dir=out_dir, setup=asdict(s), **per_n[v["n_tasks"]])
-
-    have = {r["key"] for r in load_results(results_path)}
-    sweep = [spec(v, 0, lr, "sweep") for v in vs if v["parent"] is None
-             for lr in (s.full_lrs if METHODS[v["label"]]["method"] == "full" else s.lrs)]
-    execute([p for p in sweep if p["key"] not in have], workers, results_path, "lr sweep")
-    results = load_results(results_path)
-    have = {r["key"] for r in results}
-    seeds = []
-    for seed in range(max(v["seeds"] for v in vs)):   # seed-major: a cut-short grid has even seed counts
-        for v in vs:
-            lr = chosen_lr(results, v["parent"] or v["variant"])
-            if seed < v["seeds"] and lr is not None and (v["parent"] is not None or seed > 0):
-                seeds.append(spec(v, seed, lr, "seed"))
-    execute([p for p in seeds if p["key"] not in have], workers, results_path, "seeds")
-    return load_results(results_path)
-
-
 # ----------------------------------------------------------------------------- the report
 
-def final_runs(results: list[dict]) -> dict[str, dict[int, dict]]:
-    """{variant: {seed: record}} at each variant's chosen lr (its parent's for ablations and variants)."""
-    parent = {r["variant"]: (r["label"] if r["phase"] == "seed" and r["variant"] != r["label"] else r["variant"])
-              for r in results}
-    out: dict[str, dict[int, dict]] = {}
+def cells(results: list[dict], s: Setup) -> dict[tuple, dict[int, dict[int, dict]]]:
+    """{(family, steps, variant): {base: {seed: record}}} of the test runs at each cell's chosen lr."""
+    out: dict[tuple, dict[int, dict[int, dict]]] = {}
     for r in results:
-        lr = chosen_lr(results, parent[r["variant"]])
-        if lr is not None and r["lr"] == lr:
-            out.setdefault(r["variant"], {})[r["seed"]] = r
+        if r["phase"] == "test" and r["lr"] == chosen_lr(results, s, r["family"], r["steps"], r["label"]):
+            out.setdefault((r["family"], r["steps"], r["variant"]), {}).setdefault(r["base"], {})[r["seed"]] = r
     return out
 
 
-def pm(xs: list[float], scale: float = 100.0) -> str:
-    if not xs:
-        return "-"
-    sd = statistics.stdev(xs) * scale if len(xs) > 1 else math.nan
-    return f"{statistics.mean(xs) * scale:.1f} ± {sd:.1f}"
+def values(cell: dict[int, dict[int, dict]], field_: str) -> dict[int, dict[int, float]]:
+    return {b: {k: r[field_] for k, r in runs.items()} for b, runs in cell.items()}
 
 
-def diag(runs: list[dict]) -> tuple[str, str]:
-    """Mean Ω spread (Ω_B) and mean router entropy over runs, '-' where a method has none."""
-    om = [r["omega_spread"]["B"] for r in runs if r.get("omega_spread")]
-    ent = [statistics.mean(r["router_entropy"].values()) for r in runs if r.get("router_entropy")]
-    return (f"{statistics.mean(om):.3f}" if om else "-", f"{statistics.mean(ent):.3f}" if ent else "-")
+def base_means(cell: dict[int, dict[int, dict]], field_: str) -> list[float]:
+    """Per base, the mean over its seeds (bases sorted), skipping runs without the field."""
+    out = []
+    for b in sorted(cell):
+        xs = [r[field_] for r in cell[b].values() if r.get(field_) is not None]
+        if xs:
+            out.append(statistics.mean(xs))
+    return out
 
 
-def report(results: list[dict]) -> str:
-    """results.md: the main table (mean ± std over seeds, paired Δ vs LoRA R8 with 95 % t-interval), the lr
-    sweep and the router entropy per task."""
-    runs = final_runs(results)
-    lines = ["| method | tasks | lr | trainable params | seeds | acc % (mean ± std) | Δ vs LoRA R8 (paired, 95 % CI) "
-             "| acc before % | Ω_B spread | router entropy |", "|---|---|---|---|---|---|---|---|---|---|"]
-    order = list(dict.fromkeys(r["variant"] for r in results))
-    for v in order:
-        if v not in runs:
+def fmt_mean(xs: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    return f"{statistics.mean(xs) * scale:.{digits}f}" if xs else "-"
+
+
+def report(results: list[dict], s: Setup) -> str:
+    """results.md: per family and budget, the methods' accuracy per base and the paired differences with bases
+    as the unit; the claims side by side; the lr sweeps; what is missing."""
+    c = cells(results, s)
+    variants_ = [v["variant"] for v in variants(s)]
+    mor_name = lambda v: s.mor if v == "MoR" else v   # noqa: E731
+    lines = []
+    for family, steps in itertools.product(s.families, s.budgets):
+        lines += [f"### {family}, {steps} steps", "",
+                  "| method | lr | trainable params | acc before % | test acc % per base (mean over seeds) "
+                  "| mean | Δ vs LoRA R8 (95 % CI, bases) | seeds per base | train-input acc % | train loss (end) "
+                  "| D-spread | Ω_B spread | router entropy | router divergence |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        base_cell = c.get((family, steps, BASELINE))
+        for v in variants_:
+            cell = c.get((family, steps, v))
+            if not cell:
+                lines.append(f"| {v} | - | - | - | not run | - | - | 0 | - | - | - | - | - | - |")
+                continue
+            any_r = next(iter(next(iter(cell.values())).values()))
+            accs = base_means(cell, "acc")
+            delta = "-"
+            if base_cell and v != BASELINE:
+                m, h, n = base_interval(values(cell, "acc"), values(base_cell, "acc"))
+                delta = f"{m * 100:+.1f} ± {h * 100:.1f} (n={n})"
+            om = [r["omega_spread"]["B"] for rs in cell.values() for r in rs.values() if r.get("omega_spread")]
+            ent = [statistics.mean(r["router_entropy"].values()) for rs in cell.values() for r in rs.values()
+                   if r.get("router_entropy")]
+            lines.append(
+                f"| {v} | {any_r['lr']:g} | {any_r['params']:,} | {fmt_mean(base_means(cell, 'acc_before'), 100, 1)} | "
+                + ", ".join(f"{a * 100:.1f}" for a in accs) + f" | {fmt_mean(accs, 100, 1)} | {delta} | "
+                + ",".join(str(len(cell.get(b, {}))) for b in range(s.bases))
+                + f" | {fmt_mean(base_means(cell, 'acc_fit'), 100, 1)} | {fmt_mean(base_means(cell, 'loss_end'))} | "
+                f"{fmt_mean(base_means(cell, 'd_spread'))} | {fmt_mean(om)} | {fmt_mean(ent)} | "
+                f"{fmt_mean(base_means(cell, 'router_tv'))} |")
+        lines.append("")
+    heads = list(itertools.product(s.families, s.budgets))
+    lines += ["Paired differences a − b (accuracy points): per base the mean over seeds, then the mean over bases "
+              f"± the 95 % t-interval with n_bases − 1 df; the per-base differences in brackets. MoR = {s.mor}.", "",
+              "| a | b | " + " | ".join(f"{f}, {n} steps" for f, n in heads) + " |", "|---|---|" + "---|" * len(heads)]
+    for a, b in CLAIMS:
+        row = []
+        for family, steps in heads:
+            ca, cb = c.get((family, steps, mor_name(a))), c.get((family, steps, mor_name(b)))
+            if not (ca and cb):
+                row.append("-")
+                continue
+            m, h, n = base_interval(values(ca, "acc"), values(cb, "acc"))
+            per = [statistics.mean(ca[k][x]["acc"] - cb[k][x]["acc"] for x in set(ca[k]) & set(cb[k]))
+                   for k in sorted(set(ca) & set(cb)) if set(ca[k]) & set(cb[k])]
+            row.append(f"{m * 100:+.1f} ± {h * 100:.1f} ({', '.join(f'{d * 100:+.1f}' for d in per)})")
+        if any(x != "-" for x in row):   # a pair the grid did not run (e.g. full FT) is left out
+            lines.append(f"| {a} | {b} | " + " | ".join(row) + " |")
+    for family, steps in itertools.product(s.sweep_families, s.budgets):
+        sweep = [v for v in variants_ if sweep_table(results, family, steps, v)]
+        if not sweep:
             continue
-        rs = runs[v]
-        any_r = next(iter(rs.values()))
-        base_v = next((b for b in runs if b.startswith(BASELINE) and runs[b] and
-                       next(iter(runs[b].values()))["n_tasks"] == any_r["n_tasks"]), None)
-        seeds = sorted(rs)
-        delta = "-"
-        if base_v and base_v != v:
-            common = [k for k in seeds if k in runs[base_v]]
-            m, h = paired_interval([rs[k]["acc"] for k in common], [runs[base_v][k]["acc"] for k in common])
-            delta = f"{m * 100:+.1f} ± {h * 100:.1f} (n={len(common)})" if common else "-"
-        om, ent = diag(list(rs.values()))
-        lines.append(f"| {v} | {any_r['n_tasks']} | {any_r['lr']:g} | {any_r['params']:,} | {len(seeds)} | "
-                     f"{pm([rs[k]['acc'] for k in seeds])} | {delta} | {any_r['acc_before'] * 100:.1f} | {om} | {ent} |")
-    lines += ["", "Paired differences (a − b, accuracy points, mean over the seeds both have, 95 % t-interval):", "",
-              "| a | b | a − b | seeds |", "|---|---|---|---|"]
-    for a, b in CLAIMS + [(f"MoR E8R8, {n} tasks", f"{BASELINE}, {n} tasks") for n in (4, 16)]:
-        if a in runs and b in runs:
-            common = sorted(set(runs[a]) & set(runs[b]))
-            m, h = paired_interval([runs[a][k]["acc"] for k in common], [runs[b][k]["acc"] for k in common])
-            lines.append(f"| {a} | {b} | {m * 100:+.1f} ± {h * 100:.1f} | {len(common)} |")
-    sweep = [r for r in results if r["phase"] == "sweep"]
-    lrs = sorted({r["lr"] for r in sweep})
-    lines += ["", "lr sweep, seed 0, validation accuracy % (the chosen lr in bold):", "",
-              "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for v in dict.fromkeys(r["variant"] for r in sweep):
-        best = chosen_lr(results, v)
-        cells = {r["lr"]: (f"**{r['acc_val'] * 100:.1f}**" if r["lr"] == best else f"{r['acc_val'] * 100:.1f}")
-                 for r in sweep if r["variant"] == v}
-        lines.append(f"| {v} | " + " | ".join(cells.get(lr, "") for lr in lrs) + " |")
-    routed = [v for v in order if v in runs and any(r.get("router_entropy") for r in runs[v].values())]
-    if routed:
-        tasks = list(next(r for r in runs[routed[0]].values() if r.get("router_entropy"))["router_entropy"])
-        lines += ["", "Router entropy per task (mean router weights over the task's tokens, entropy / log N, "
-                  "mean over layers and seeds; 1 = uniform):", "",
-                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-        for v in routed:
-            ents = [r["router_entropy"] for r in runs[v].values() if r.get("router_entropy")]
-            if set(ents[0]) == set(tasks):
-                lines.append(f"| {v} | " + " | ".join(f"{statistics.mean(e[t] for e in ents):.3f}" for t in tasks)
-                             + " |")
+        lrs = sorted({r["lr"] for r in results if r["phase"] == "sweep" and (r["family"], r["steps"]) == (family, steps)})
+        lines += ["", f"lr sweep, {family}, {steps} steps, base 0, validation accuracy % averaged over the sweep "
+                  "seeds (chosen in bold; * = at the edge of the method's range):", "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        for v in sweep:
+            table, best = sweep_table(results, family, steps, v), chosen_lr(results, s, family, steps, v)
+            edge = "*" if best in (min(table), max(table)) else ""
+            cellstr = {lr: (f"**{a * 100:.1f}**{edge}" if lr == best else f"{a * 100:.1f}") for lr, a in table.items()}
+            lines.append(f"| {v} | " + " | ".join(cellstr.get(lr, "") for lr in lrs) + " |")
+    n_test = sum(r["phase"] == "test" for r in results)
+    want = s.bases * s.seeds * len(s.families) * len(s.budgets) * len(variants_)
+    lines += ["", f"{len(results)} runs ({n_test} of {want} test runs), {sum(r['time_s'] for r in results) / 3600:.2f} "
+              "h of worker time."]
     return "\n".join(lines) + "\n"
+
+
+def read_setup(out_dir: str) -> Setup:
+    path = os.path.join(out_dir, "setup.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no grid here (run it first, with the same --out_dir)")
+    with open(path) as f:
+        return Setup(**json.load(f))
 
 
 def write_report(out_dir: str) -> str:
@@ -572,7 +752,7 @@ def write_report(out_dir: str) -> str:
     results = load_results(path)
     if not results:
         raise FileNotFoundError(f"{path}: no results (run the grid first, with the same --out_dir)")
-    md = report(results)
+    md = report(results, read_setup(out_dir))
     tmp = os.path.join(out_dir, "results.md.tmp")
     with open(tmp, "w") as f:
         f.write(md)
@@ -580,33 +760,70 @@ def write_report(out_dir: str) -> str:
     return md
 
 
+def rerun(out_dir: str, key: str) -> bool:
+    """Run the finished row `key` again (same setup, base from the cache) and print its numbers beside the
+    stored ones; True when they are equal (same code, torch and CPU kind: the same kernels on the same inputs)."""
+    s = read_setup(out_dir)
+    old = next((r for r in load_results(os.path.join(out_dir, "results.jsonl")) if r["key"] == key), None)
+    if old is None:
+        raise ValueError(f"--rerun: no row {key!r} in {os.path.join(out_dir, 'results.jsonl')}")
+    worker_init()
+    bases = [build_base(s, b, out_dir) for b in range(s.bases)]
+    per = prepare_data(s, out_dir, bases)
+    spec = dict({k: old[k] for k in ("key", "phase", "base", "family", "steps", "label", "variant", "seed", "lr",
+                                      "omega_std", "omega_lr_mult")},
+                base_dir=bases[old["base"]], out_dir=os.path.join(out_dir, "rerun"), setup=asdict(s),
+                **per[old["base"], old["family"]])
+    new = run_one(spec)
+    fields = ("acc", "acc_val", "acc_fit", "loss_end", "d_spread", "router_tv")
+    for f in fields:
+        print(f"{f}: stored {old[f]!r}, rerun {new[f]!r}")
+    same = all(old[f] == new[f] for f in fields)
+    print("same numbers" if same else "DIFFERENT numbers")
+    return same
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setup]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default="out/replicate", help="base cache, results.jsonl, results.md")
-    ap.add_argument("--quick", action="store_true", help="the pipeline on a tiny setting (3 methods x 2 seeds)")
+    ap.add_argument("--out_dir", default="out/replicate", help="base cache, setup.json, results.jsonl, results.md")
+    ap.add_argument("--quick", action="store_true", help="the pipeline on a tiny setting that still learns")
     ap.add_argument("--report", action="store_true", help="only rebuild results.md from results.jsonl")
+    ap.add_argument("--rerun", metavar="KEY", help="run one finished row (its key in results.jsonl) again and compare")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
-    ap.add_argument("--seeds", type=int, help=f"seeds per method (default {Setup.seeds}; --quick 2)")
-    ap.add_argument("--steps", type=int, help=f"tuning steps per run (default {Setup.steps})")
+    ap.add_argument("--bases", type=int, help=f"bases (default {Setup.bases})")
+    ap.add_argument("--seeds", type=int, help=f"test seeds per base (default {Setup.seeds})")
+    ap.add_argument("--budgets", type=int, nargs="+", help="tuning steps, one per lr row (default 250 500)")
+    ap.add_argument("--families", nargs="+", choices=FAMILIES, help="task families (default both)")
     ap.add_argument("--methods", nargs="+", help=f"a subset of: {', '.join(METHODS)}")
     ap.add_argument("--n_test", type=int, help=f"held-out items per task (default {Setup.n_test})")
     args = ap.parse_args(argv)
     s = Setup(**(QUICK if args.quick else {}))
-    for k in ("seeds", "steps", "methods", "n_test"):
+    for k in ("bases", "seeds", "budgets", "families", "methods", "n_test"):
         if getattr(args, k) is not None:
             s = replace(s, **{k: getattr(args, k)})
+    s = replace(s, sweep_families=[f for f in s.sweep_families if f in s.families] or s.families[:1])
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
-    if args.workers < 1 or s.seeds < 1 or s.steps < 1 or s.n_test < 1:
-        ap.error("--workers, --seeds, --steps and --n_test must be positive")
+    if args.workers < 1 or s.bases < 1 or s.seeds < 1 or s.n_test < 1 or min(s.budgets) < 1:
+        ap.error("--workers, --bases, --seeds, --budgets and --n_test must be positive")
+    if len(s.budgets) > len(s.lrs):
+        ap.error(f"--budgets: at most {len(s.lrs)} (one lr row each)")
     return args, s
 
 
 def main(argv: list[str] | None = None) -> None:
     args, s = parse_args(argv)
     try:
+        if args.rerun:
+            sys.exit(0 if rerun(args.out_dir, args.rerun) else 1)
         if not args.report:
+            os.makedirs(args.out_dir, exist_ok=True)
+            path = os.path.join(args.out_dir, "setup.json")
+            if os.path.isfile(path) and read_setup(args.out_dir) != s:
+                raise ValueError(f"{path}: this folder holds a grid with other settings; use a new --out_dir")
+            with open(path, "w") as f:
+                json.dump(asdict(s), f)
             t0 = time.time()
             grid(s, args.out_dir, args.workers)
             print(f"grid done in {time.time() - t0:.0f} s", flush=True)
