@@ -394,7 +394,6 @@ def train(cfg: TrainConfig) -> torch.nn.Module | None:
     """Run training as configured; returns the trained (unwrapped) model, or None when a resumed run
     had nothing left to do. See the module doc."""
     cli.check_config(cfg)
-    folder.check_writable(cfg.out_dir)   # before data and model are loaded
     with folder.lock(cfg.out_dir, int(os.environ.get("RANK", 0))):   # one run per folder
         return train_locked(cfg)
 

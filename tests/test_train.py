@@ -413,6 +413,9 @@ def test_lr_schedule_refit_on_resume_by_hand():
     assert lrs(shorter, [2, 3]) == pytest.approx([0.4 * 0.5 * (1 + math.cos(math.pi / 3)),
                                                   0.4 * 0.5 * (1 + math.cos(2 * math.pi / 3))])
     assert schedule.plan_schedule(cfg, 10, step=7, saved=saved) is saved   # the same length: the saved plan
+    # a killed run resumed with --max_steps at or below its step trains nothing: the saved plan, no 1/0
+    for total in (6, 7):
+        assert schedule.plan_schedule(cfg, total, step=7, saved=saved) is saved
 
 
 def test_demo_smoke(tmp_path):

@@ -1,7 +1,9 @@
 """Command-line checks shared by train.py, evaluate.py and llama.py: the range of every numeric flag (one table
-per command line, one rule, one message form) and whether --device exists on this machine. Each fault is a
+per command line, one rule, one message form), whether --device exists on this machine, and whether an output path
+can be written. Each fault is a
 FlagError (a ValueError) whose message starts with the flag, so each command line prints it as one line."""
 import math
+import os
 
 import torch
 
@@ -56,3 +58,15 @@ def check_device(device: str, flag: str = "--device") -> None:
             raise FlagError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     elif dev.type != "cpu":
         raise FlagError(f"{flag} {device}: only cpu and cuda are supported")
+
+
+def check_writable(path: str, flag: str, folder: str) -> None:
+    """`flag`'s path can be written: the nearest existing part of `folder` (the folder path is created in or is) is
+    a folder this user may write in. Checked before data and model are loaded, so a typo costs seconds."""
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        raise FlagError(f"{path}: cannot write {flag} there: {folder} is a file, not a folder; choose another {flag}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FlagError(f"{path}: cannot write {flag} there: no permission to write in {folder}; choose another "
+                        f"{flag}")

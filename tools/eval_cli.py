@@ -35,19 +35,11 @@ def format_router_chart(results: dict, width: int = 30) -> str:
 
 
 def check_out_path(path: str) -> None:
-    """--out can be written: not a folder, no file where a folder must be, permission to create it.
-    Checked before the model is loaded, so a typo costs seconds, not a whole evaluation."""
+    """--out can be written: a file name, not a folder, where this user may create it."""
     if os.path.isdir(path):
         raise ValueError(f"{path}: --out is a folder; give a file name, "
                          f"e.g. {os.path.join(path, 'results.json')}")
-    parent = os.path.dirname(path) or "."
-    while not os.path.exists(parent):   # the nearest existing part must be a writable folder
-        parent = os.path.dirname(parent) or "."
-    if not os.path.isdir(parent):
-        raise ValueError(f"{path}: cannot write --out there: {parent} is a file, not a folder; "
-                         "choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{path}: cannot write --out there: no permission to write in {parent}")
+    checks.check_writable(path, "--out", os.path.dirname(path) or ".")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,20 +115,6 @@ def read_state(ckpt: str) -> dict:
 
 # ----------------------------------------------------------------------------- the folder itself
 
-def check_writable(out_dir: str) -> None:
-    """--out_dir can be created and written: the nearest part of the path that exists is a folder
-    this user may write in. Checked before data and model are loaded, so a typo costs seconds."""
-    parent = out_dir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent):
-        raise FolderError(f"{out_dir}: cannot write --out_dir there: {parent} is a file, not a "
-                          "folder; choose another --out_dir")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FolderError(f"{out_dir}: cannot write --out_dir there: no permission to write in "
-                          f"{parent}; choose another --out_dir")
-
-
 @contextmanager
 def lock(out_dir: str, rank: int = 0) -> Iterator[None]:
     """Hold an exclusive flock on out_dir/.lock (rank r > 0: .lock.<r>) for the life of the run: a

@@ -45,7 +45,7 @@ def plan_schedule(cfg, total: int, step: int = 0, saved: dict | None = None,
     if saved is None:
         warmup = round(cfg.warmup_ratio * total)
         return {"warmup": warmup, "total": total, "start": 0, "start_mult": 1.0}
-    if saved["total"] == total:
+    if saved["total"] == total or step >= total:   # (past the new end: no step runs, nothing to re-fit)
         return saved
     if step <= saved["warmup"] < total and not saved["start"]:
         return dict(saved, total=total)

@@ -94,16 +94,17 @@ def check_config(cfg) -> None:
             raise ConfigError(f"--data/--val_data: no such file {path}")
         if os.path.getsize(path) == 0:
             raise ConfigError(f"{path}: the file is empty (expected one JSON example per line)")
-    try:   # every numeric flag's range, and a --device this machine has
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"{cfg.out_dir}: --out_dir is a file, not a folder; choose another "
+                          "--out_dir")
+    try:   # every numeric flag's range, a --device this machine has, a writable --out_dir
         checks.check_ranges(vars(cfg), checks.TRAIN)
         checks.check_device(cfg.device if cfg.device != "auto" else "cpu")
+        checks.check_writable(cfg.out_dir, "--out_dir", cfg.out_dir)
     except checks.FlagError as e:
         raise ConfigError(str(e)) from None
     if cfg.method != "full" and not cfg.targets:
         raise ConfigError("--targets: no layer name given (e.g. --targets w1 w2 w3)")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ConfigError(f"{cfg.out_dir}: --out_dir is a file, not a folder; choose another "
-                          "--out_dir")
 
 
 # ----------------------------------------------------------------------------- resume, a new run's folder
