@@ -300,3 +300,11 @@ def test_a_state_of_plain_values_but_not_a_checkpoint_is_one_line(done, tmp_path
         f"error: {path}: not a train.py checkpoint state (no config, loader, world_size, optimizer); the older "
         f"checkpoint {run / 'ckpt_00000002'} is intact: resume from it with --resume {run / 'ckpt_00000002'}")
     assert snapshot(run) == before
+
+
+def test_a_log_line_whose_step_is_not_a_number_is_named(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": "x", "loss": 1.0}\n{"step": 3, "loss": 0.5}\n')
+    with pytest.raises(train.CheckpointError, match=re.escape(f"{log}:2: not a JSON record")):
+        folder.trim_log(str(tmp_path), 2)
+    assert log.read_text().count("\n") == 3   # untouched

@@ -329,16 +329,16 @@ def trim_log(out_dir: str, step: int) -> None:
     kept = []
     for i, line in enumerate(lines, 1):
         try:
-            rec = json.loads(line)
-            rec_step = rec.get("step", 0)
-        except (ValueError, AttributeError):
+            rec_step = json.loads(line).get("step", 0)
+            keep = rec_step <= step   # a non-number step fails here, as a bad line
+        except (ValueError, AttributeError, TypeError):
             if i < len(lines):
                 raise CheckpointError(f"{path}:{i}: not a JSON record; delete or fix the line, then resume "
                                       "again") from None
             print(f"{path}: dropped the half-written last line {i} (the run was killed while writing it)",
                   file=sys.stderr)
             continue
-        if rec_step <= step:
+        if keep:
             kept.append(line + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
