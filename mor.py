@@ -68,9 +68,6 @@ class AdapterLinear(nn.Module):
 
     def merge(self, merge: bool = True) -> None:
         """Fold ΔW into W: the layer then costs exactly a plain nn.Linear (unmerge undoes it)."""
-        if hasattr(self, "router_kind"):  # MoR, MoELoRA (for MoR the paper's stated limitation)
-            raise RuntimeError(f"{type(self).__name__} cannot be merged into W: the router weights "
-                               "G(x) depend on each input (MoRLinear caches B̃ in eval mode instead)")
         if self.merged == merge:
             raise RuntimeError(f"adapter is {'already' if merge else 'not'} merged")
         with torch.no_grad():
@@ -79,6 +76,11 @@ class AdapterLinear(nn.Module):
 
     def unmerge(self) -> None:
         self.merge(False)
+
+    def fold(self, merge: bool) -> None:
+        """W ± ΔW; the routed layers (MoR, MoELoRA) keep this refusal (MoR: the paper's limitation)."""
+        raise RuntimeError(f"{type(self).__name__} cannot be merged into W: the router weights "
+                           "G(x) depend on each input (MoRLinear caches B̃ in eval mode instead)")
 
     def check_merged(self) -> bool:
         """Whether forward is the base alone; raises in training mode (it would train nothing)."""
@@ -276,6 +278,8 @@ class MoRLinear(LoRALinear):
         self.omega_B = nn.Parameter(torch.ones(num_experts, self.out_features, **fk))
         init_router(self, router, num_experts, fk)  # eq. 11's W_r
         self._cache, self.generation = None, 0  # the eval cache (cached_weights), its changes
+
+    fold = AdapterLinear.fold  # not LoRA's: ΔW depends on x through G(x)
 
     def direction(self, i: int) -> torch.Tensor:
         """D_i = (α/r) Λ_B_i B Λ_A_i A (eq. 10) as a d_out×d_in matrix (N = 1: eq. 9)."""

@@ -568,6 +568,8 @@ def test_merge_unmerge(cls):
 def test_mixtures_cannot_merge(cls):
     with pytest.raises(RuntimeError, match="depend on each input"):
         cls(nn.Linear(4, 4), r=2).merge()
+    with pytest.raises(RuntimeError, match="depend on each input"):   # MoR inherits LoRA's A, B, not its fold
+        cls(nn.Linear(4, 4), r=2).fold(True)
 
 
 # ----------------------------------------------------------------------------- model helpers
