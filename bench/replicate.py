@@ -14,8 +14,8 @@ outputs), the structure MoR's shared (A, B) seen through per-expert rescalings i
 pretrained (all weights) on 24 tasks of the "perm" kind and written in Meta's layout; it knows the format and
 how to apply a mapping, not the tuning tasks. A base is a random factor: each has its own pretraining seed,
 task draw and data split. Every method is tuned on the same 8 tasks and scored on unseen inputs by
-evaluate.py's multiple-choice scoring: the gold string against the same input under three other tuning tasks
-(chance 25 %).
+multiple choice: the gold string against the same input under three other tuning tasks (chance 25 %), each
+answer scored on the tokens training taught (answer_logprobs).
 
 Protocol: an lr sweep (4 points 2x apart, 2 seeds of their own, validation accuracy) on the first base, per
 family and budget; then test seeds on every base at the chosen lr; the sweep's runs are not in the test mean.
@@ -48,7 +48,6 @@ if ROOT not in sys.path:  # run as `python bench/replicate.py`: make train.py, m
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import evaluate  # noqa: E402
 import mor  # noqa: E402
 import train  # noqa: E402
 from demo.demo import write_meta_checkpoint  # noqa: E402
@@ -97,16 +96,19 @@ class Setup:
     pretrain_lr: float = 1e-3      # 3e-3 left the base at chance on the mappings after 2000 steps
     bases: int = 3                 # base b: pretraining seed, task draw and split from data_seed + b
     families: list = field(default_factory=lambda: list(FAMILIES))
-    # tuning steps: the steep part, and the longest that fitted the time (calibration: LoRA R8 within 1-2.5
-    # validation points of its 1000-step accuracy at 500; docs/replication.md)
-    budgets: list = field(default_factory=lambda: [250, 500])
+    # tuning steps: the steep part, and a plateau (calibration, docs/replication.md: on "shared" LoRA R8 test
+    # accuracy 93.8 / 98.6 / 99.6 % at 250 / 500 / 1000 steps)
+    budgets: list = field(default_factory=lambda: [250, 1000])
+    # the families that also run the budgets after the first ("perm" is at its plateau at 250 steps: LoRA R8
+    # 99.6 % in the calibration, so 1000 steps could only show a ceiling, at 4 x the time)
+    long_families: list = field(default_factory=lambda: ["shared"])
     batch: int = 16
     dropout: float = 0.05
     # lr sweep per budget (4 points 2x apart around the optimum; index = position in budgets)
     # around the first replication's optimum (3e-3 for every adapter at 250 steps, 1e-3 and 1e-2 far worse);
-    # a longer schedule moves Adam further at the same lr, so the plateau's points are 2 x lower
-    lrs: list = field(default_factory=lambda: [[1.5e-3, 3e-3, 6e-3, 1.2e-2], [7.5e-4, 1.5e-3, 3e-3, 6e-3]])
-    full_lrs: list = field(default_factory=lambda: [[2.5e-4, 5e-4, 1e-3, 2e-3], [1.25e-4, 2.5e-4, 5e-4, 1e-3]])
+    # a 4 x longer schedule moves Adam further at the same lr, so the plateau's points are 4 x lower
+    lrs: list = field(default_factory=lambda: [[1.5e-3, 3e-3, 6e-3, 1.2e-2], [3.75e-4, 7.5e-4, 1.5e-3, 3e-3]])
+    full_lrs: list = field(default_factory=lambda: [[2.5e-4, 5e-4, 1e-3, 2e-3], [6.25e-5, 1.25e-4, 2.5e-4, 5e-4]])
     sweep_seeds: int = 2           # seeds 100, 101, ...: none of them is a test seed
     # the families swept; the others reuse the first's lrs (time: one family's sweep costs ~ a third of the grid)
     sweep_families: list = field(default_factory=lambda: ["shared"])
@@ -256,7 +258,7 @@ def mc_item(task_id: int, tasks: dict, others: list[int], x: list[int], rng: ran
         if spell(y) not in choices:
             choices.append(spell(y))
     rng.shuffle(choices)
-    return {"context": data.chat_prompt(question(task_id, x)), "choices": choices, "gold": choices.index(gold)}
+    return {"question": question(task_id, x), "choices": choices, "gold": choices.index(gold)}
 
 
 def task_data(s: Setup, b: int, family: str) -> dict:
@@ -425,16 +427,53 @@ def total_variation(p: list[float], q: list[float]) -> float:
     return 0.5 * sum(abs(a - b) for a, b in zip(p, q))
 
 
+@torch.inference_mode()
+def answer_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 256) -> list[float]:
+    """Per chat row, the summed log-probability of its supervised tokens (the answer and its EOS) tokenised
+    exactly as training tokenises the row (data.encode_example). Not evaluate.py's harness tokenisation,
+    which encodes context + answer as one string: there the answer's first symbol follows "\\n" and becomes
+    another token than the one training taught, so a tuned model's gold answer scored like a wrong one.
+    Rows of equal length are batched together: no padding, so the router statistics see real tokens only."""
+    encoded = [data.encode_example(r, tokenizer, max_len=10**9) for r in rows]
+    by_len: dict[int, list[int]] = {}
+    for i, (ids, _) in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    out = [0.0] * len(rows)
+    for idx in by_len.values():
+        for k in range(0, len(idx), batch_size):
+            part = idx[k:k + batch_size]
+            ids = torch.tensor([encoded[i][0] for i in part])
+            labels = torch.tensor([encoded[i][1] for i in part])[:, 1:]
+            logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)
+            keep = labels != data.IGNORE_INDEX
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+            for i, v in zip(part, picked.double().sum(1).tolist()):
+                out[i] = v
+    return out
+
+
+def mc_accuracy(model, tokenizer, items: list[dict]) -> float:
+    """Share of items whose gold choice has the highest answer log-probability (first maximum on ties)."""
+    rows = [{"messages": [{"role": "user", "content": it["question"]}, {"role": "assistant", "content": c}]}
+            for it in items for c in it["choices"]]
+    lls, right, k = answer_logprobs(model, tokenizer, rows), 0, 0
+    for it in items:
+        ll = lls[k:k + len(it["choices"])]
+        k += len(it["choices"])
+        right += max(range(len(ll)), key=ll.__getitem__) == it["gold"]
+    return right / len(items)
+
+
 def score(model, tokenizer, items: dict[str, list[dict]], routers: list | None = None) -> tuple[dict, dict]:
-    """Accuracy per task and over all items (evaluate.py's scoring); with routers, each layer's mean router
-    weights over each task's tokens: {task: [per layer: [N weights]]} (the Fig. 7 view)."""
+    """Accuracy per task and over all items (mc_accuracy); with routers, each layer's mean router weights over
+    each task's tokens: {task: [per layer: [N weights]]} (the Fig. 7 view)."""
     acc, weights = {}, {}
     for name, its in items.items():
         for m in routers or []:
             m.router_sum.zero_()
             m.router_count.zero_()
             m.record_router = True
-        acc[name] = evaluate.score_multiple_choice(model, tokenizer, its, batch_size=64, delimiter="")["acc"]
+        acc[name] = mc_accuracy(model, tokenizer, its)
         for m in routers or []:
             m.record_router = False
         if routers:
@@ -507,6 +546,16 @@ def variants(s: Setup) -> list[dict]:
     return out
 
 
+def budgets_of(s: Setup, family: str) -> list[int]:
+    """The budgets a family runs: all of them for Setup.long_families, the first for the others."""
+    return s.budgets if family in s.long_families else s.budgets[:1]
+
+
+def cells_run(s: Setup) -> list[tuple[str, int]]:
+    """(family, steps) of the grid, in table order."""
+    return [(f, n) for f in s.families for n in budgets_of(s, f)]
+
+
 def run_key(base: int, family: str, steps: int, variant: str, seed: int, lr: float) -> str:
     return f"base{base}|{family}|{steps}steps|{variant}|seed{seed}|lr{lr:g}"
 
@@ -577,7 +626,8 @@ def prepare_data(s: Setup, out_dir: str, bases: list[str]) -> dict[tuple[int, st
             train_path = data.write_jsonl(d["train"], prefix + ".jsonl")
             with open(prefix + ".items.json", "w") as f:
                 json.dump({k: d[k] for k in ("val", "test", "fit")}, f)
-            before_path = prefix + ".before.json"
+            # ".v2": scored on the answer's training tokens (an older grid's before-scores used the harness's)
+            before_path = prefix + ".before.v2.json"
             if not os.path.isfile(before_path):
                 tokenizer = Tokenizer(os.path.join(base, "tokenizer.model"))
                 acc, _ = score(Transformer.from_checkpoint(base).eval(), tokenizer, d["test"])
@@ -602,14 +652,14 @@ def plan(s: Setup, out_dir: str, bases: list[str], per: dict, results: list[dict
     if phase == "sweep":
         for family, i, v, seed in itertools.product(s.sweep_families, range(len(s.budgets)), vs,
                                                     range(100, 100 + s.sweep_seeds)):
-            if v["parent"] is None:
+            if v["parent"] is None and s.budgets[i] in budgets_of(s, family):
                 full = METHODS[v["label"]]["method"] == "full"
                 out += [spec(0, family, i, v, seed, lr) for lr in (s.full_lrs if full else s.lrs)[i]]
         return out
     # within a seed, the methods on every base before the ablations: a grid cut short still compares the methods
     for seed, ablation, b, i, family, v in itertools.product(range(s.seeds), (False, True), range(s.bases),
                                                              range(len(s.budgets)), s.families, vs):
-        if (v["parent"] is not None) != ablation:
+        if (v["parent"] is not None) != ablation or s.budgets[i] not in budgets_of(s, family):
             continue
         lr = chosen_lr(results, s, family, s.budgets[i], v["label"])
         if lr is not None:
@@ -673,7 +723,7 @@ def report(results: list[dict], s: Setup) -> str:
     variants_ = [v["variant"] for v in variants(s)]
     mor_name = lambda v: s.mor if v == "MoR" else v   # noqa: E731
     lines = []
-    for family, steps in itertools.product(s.families, s.budgets):
+    for family, steps in cells_run(s):
         lines += [f"### {family}, {steps} steps", "",
                   "| method | lr | trainable params | acc before % | test acc % per base (mean over seeds) "
                   "| mean | Δ vs LoRA R8 (95 % CI, bases) | seeds per base | train-input acc % | train loss (end) "
@@ -702,7 +752,7 @@ def report(results: list[dict], s: Setup) -> str:
                 f"{fmt_mean(base_means(cell, 'd_spread'))} | {fmt_mean(om)} | {fmt_mean(ent)} | "
                 f"{fmt_mean(base_means(cell, 'router_tv'))} |")
         lines.append("")
-    heads = list(itertools.product(s.families, s.budgets))
+    heads = cells_run(s)
     lines += ["Paired differences a − b (accuracy points): per base the mean over seeds, then the mean over bases "
               f"± the 95 % t-interval with n_bases − 1 df; the per-base differences in brackets. MoR = {s.mor}.", "",
               "| a | b | " + " | ".join(f"{f}, {n} steps" for f, n in heads) + " |", "|---|---|" + "---|" * len(heads)]
@@ -719,7 +769,7 @@ def report(results: list[dict], s: Setup) -> str:
             row.append(f"{m * 100:+.1f} ± {h * 100:.1f} ({', '.join(f'{d * 100:+.1f}' for d in per)})")
         if any(x != "-" for x in row):   # a pair the grid did not run (e.g. full FT) is left out
             lines.append(f"| {a} | {b} | " + " | ".join(row) + " |")
-    for family, steps in itertools.product(s.sweep_families, s.budgets):
+    for family, steps in [c for c in cells_run(s) if c[0] in s.sweep_families]:
         sweep = [v for v in variants_ if sweep_table(results, family, steps, v)]
         if not sweep:
             continue
@@ -733,7 +783,7 @@ def report(results: list[dict], s: Setup) -> str:
             cellstr = {lr: (f"**{a * 100:.1f}**{edge}" if lr == best else f"{a * 100:.1f}") for lr, a in table.items()}
             lines.append(f"| {v} | " + " | ".join(cellstr.get(lr, "") for lr in lrs) + " |")
     n_test = sum(r["phase"] == "test" for r in results)
-    want = s.bases * s.seeds * len(s.families) * len(s.budgets) * len(variants_)
+    want = s.bases * s.seeds * len(cells_run(s)) * len(variants_)
     lines += ["", f"{len(results)} runs ({n_test} of {want} test runs), {sum(r['time_s'] for r in results) / 3600:.2f} "
               "h of worker time."]
     return "\n".join(lines) + "\n"
@@ -792,7 +842,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setup
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
     ap.add_argument("--bases", type=int, help=f"bases (default {Setup.bases})")
     ap.add_argument("--seeds", type=int, help=f"test seeds per base (default {Setup.seeds})")
-    ap.add_argument("--budgets", type=int, nargs="+", help="tuning steps, one per lr row (default 250 500)")
+    ap.add_argument("--budgets", type=int, nargs="+", help="tuning steps, one per lr row (default 250 1000)")
     ap.add_argument("--families", nargs="+", choices=FAMILIES, help="task families (default both)")
     ap.add_argument("--methods", nargs="+", help=f"a subset of: {', '.join(METHODS)}")
     ap.add_argument("--n_test", type=int, help=f"held-out items per task (default {Setup.n_test})")

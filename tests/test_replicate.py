@@ -118,7 +118,7 @@ def test_task_mapping_by_hand():
     item = replicate.mc_item(5, tasks, [6, 7, 8], [0, 2], random.Random(0))
     assert item["choices"][item["gold"]] == "c a"
     assert sorted(item["choices"]) == sorted(["c a", "a c", "b b", "b c"])   # input a c under tasks 5, 6, 7, 8
-    assert item["context"].endswith("task 5: a c\n<|assistant|>\n")
+    assert item["question"] == "task 5: a c"
 
 
 def test_shared_family_is_one_mapping_plus_small_changes():
@@ -172,3 +172,31 @@ def test_diagnostics_by_hand():
     assert ent == {"t1": 0.5, "t2": 0.5, "t3": 0.5}
     # layer 0: all pairs 0; layer 1: pairs (1,2) 1, (1,3) 0, (2,3) 1 -> mean over 6 (pair, layer) = 2/6
     assert math.isclose(tv, 2 / 6)
+
+
+def test_answer_logprobs_against_a_token_by_token_loop(tiny_ckpt):
+    # the scored tokens are the answer and EOS as training encodes them: the template's context and the answer
+    # tokenised apart (written out here by hand); each log-probability from a forward over its own prefix
+    from llama import Tokenizer, Transformer
+    model, tok = Transformer.from_checkpoint(tiny_ckpt).eval(), Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    qa = [("task 3: a b", "b c"), ("task 12: c a", "a a"), ("task 3: b b", "c c"), ("task 7: a", "b")]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
+    got = replicate.answer_logprobs(model, tok, rows, batch_size=2)
+    for (q, a), g in zip(qa, got):
+        context = [tok.bos_id] + tok.encode(f"<|user|>\n{q}\n<|assistant|>\n", bos=False)
+        answer = tok.encode(a, bos=False) + [tok.eos_id]
+        ids, want = context + answer, 0.0
+        with torch.no_grad():
+            for t in range(len(context), len(ids)):
+                want += torch.log_softmax(model(torch.tensor([ids[:t]]))[0, -1].double(), -1)[ids[t]].item()
+        # one forward over the whole row vs one per prefix: fp32 rounding of a few ulps per logit
+        assert math.isclose(g, want, rel_tol=1e-5, abs_tol=1e-4), (q, a, g, want)
+
+
+def test_mc_accuracy_by_hand(monkeypatch):
+    # 3 items of 2, 3 and 2 choices; scores in row order; a tie goes to the first maximum (item 3: choice 0)
+    lls = [-1.0, -2.0, -5.0, -0.5, -3.0, -4.0, -4.0]
+    monkeypatch.setattr(replicate, "answer_logprobs", lambda model, tok, rows: lls[:len(rows)])
+    items = [dict(question="q1", choices=["x", "y"], gold=0), dict(question="q2", choices=["x", "y", "z"], gold=2),
+             dict(question="q3", choices=["x", "y"], gold=1)]
+    assert replicate.mc_accuracy(None, None, items) == 1 / 3
