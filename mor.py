@@ -270,6 +270,9 @@ class MoRLinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 8,
                  dropout: float = 0.05, router: str = "learned"):
+        if type(base).forward is not nn.Linear.forward:  # StackedMixture computes W x + b itself
+            raise TypeError(f"MoR needs a plain nn.Linear base, got {type(base).__name__} with its "
+                            "own forward")
         super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
         fk = self.factory()
         # eqs. 7, 8: Λ_A = diag(λ_A) (r×r), Λ_B = diag(λ_B) (d_out×d_out), kept as diagonals;
@@ -304,22 +307,22 @@ class MoRLinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same numbers as `reference`, as one rank-N·r GEMM (eq. 15, Fig. 3: "fast path" below)."""
         x2, dev = x.reshape(-1, self.in_features), x.device.type
-        if torch.is_autocast_enabled(dev) and x2.dtype != torch.float64:  # autocast's cast of x,
-            x2 = x2.to(torch.get_autocast_dtype(dev))  # once for the base and the adapter
-        out = self.base(x2)  # eq. 13: W x (+ bias), frozen
-        dt = out.dtype
-        x2 = x2.to(dt)
+        # autocast's dtype, for the base and the adapter alike (None: x's own, as nn.Linear)
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        dt = None if x2.dtype == torch.float64 else dt
         if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            down, up = cached_weights(self, dt)  # decoding: B̃, [A; W_r] built once, not per token
-            z, G, _, _ = stacked_codes(x2, down, self.r, self.num_experts, self.scale)
+            x2 = x2 if dt is None else x2.to(dt)
+            out = self.base(x2)  # eq. 13: W x (+ bias), frozen
+            down, up = cached_weights(self, out.dtype)  # decoding: built once, not per token
+            z, G, _, _ = stacked_codes(x2.to(out.dtype), down, self.r, self.num_experts, self.scale)
+            out.addmm_(z, up.t())  # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z (α/r is in z)
         else:
             p = self.dropout.p if self.dropout_active() else 0.0
             W_r = self.router.weight if self.router is not None else None
-            z, G, up = StackedMixture.apply(x2, self.lora_A, W_r, self.lora_B, self.omega_A,
-                                            self.omega_B, p, self.scale)
+            out, G = StackedMixture.apply(x2, self.base.weight, self.base.bias, self.lora_A, W_r,
+                                          self.lora_B, self.omega_A, self.omega_B, p, self.scale, dt)
         note_routing(self, G)
-        # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z, added into W x by one GEMM (α/r is in z)
-        return out.addmm_(z, up.t()).view(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def train(self, mode: bool = True) -> MoRLinear:  # (eval() too) drops the eval cache
         self._cache, self.generation = None, self.generation + 1
@@ -408,29 +411,39 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 class StackedMixture(torch.autograd.Function):
-    """(z, G, B̃) for `MoRLinear.forward` as one autograd node (plain autograd: ~2.4× LoRA's
-    kernels, keeping drop(x) and B̃'s fp32 intermediate). Saves x, the 1-byte mask, A x, G and
-    [A; W_r] in the compute dtype and recomputes the rest."""
+    """(o, G) of `MoRLinear.forward`, base GEMM included, as one autograd node (plain autograd:
+    ~2.4× LoRA's kernels, keeping drop(x) and B̃'s fp32 intermediate; the base outside it: one
+    more add and cast of ∂x). Casts x and W to `dt` (autocast's dtype; None: as they are) and
+    saves what autograd would: x, W, z and B̃ in that dtype; plus the 1-byte mask, A x, G and
+    [A; W_r]; the rest is recomputed."""
 
     @staticmethod
-    def forward(ctx, x, A, W_r, B, omega_A, omega_B, p: float, scale: float):
-        dt, down = x.dtype, down_factors(A, W_r, x.dtype)
-        z, G, a, keep = stacked_codes(x, down, A.shape[0], omega_A.shape[0], scale, p)
-        ctx.save_for_backward(x, keep, a, G, down, B, omega_A, omega_B)
+    def forward(ctx, x, W, bias, A, W_r, B, omega_A, omega_B, p: float, scale: float, dt):
+        # autocast off: the dtypes are as written here, in both passes
+        with torch.autocast(x.device.type, enabled=False):
+            xd, Wd = (x, W) if dt is None else (x.to(dt), W.to(dt))
+            out = F.linear(xd, Wd, None if bias is None else bias.to(Wd.dtype))  # eq. 13: W x + b
+            xd, dt = xd.to(out.dtype), out.dtype  # adapters compute in the base output's dtype
+            down, up = down_factors(A, W_r, dt), tied_up(B, omega_A, omega_B, dt)
+            z, G, a, keep = stacked_codes(xd, down, A.shape[0], omega_A.shape[0], scale, p)
+            out.addmm_(z, up.t())  # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z (α/r is in z)
+        ctx.save_for_backward(xd, Wd, keep, a, G, z, down, up, B, omega_A, omega_B)
         ctx.p, ctx.scale, ctx.router, ctx.master = p, scale, W_r is not None, A.dtype
+        ctx.x_dtype, ctx.w_dtypes = x.dtype, (W.dtype, None if bias is None else bias.dtype)
         ctx.set_materialize_grads(False)  # G's gradient is None unless a balance loss used it
-        return z, G, tied_up(B, omega_A, omega_B, dt)
+        return out, G
 
     @staticmethod
-    def backward(ctx, gz, gG, gup):
+    def backward(ctx, g, gG):
         # autocast off: torch.compile traces the backward under the forward's autocast, which would
         # round the factor products to bf16 (eager runs it without); dtypes are as written here
-        x, keep, a, G, down, B, omega_A, omega_B = ctx.saved_tensors
+        x, W, keep, a, G, z, down, up, B, omega_A, omega_B = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            (r, N), s = (a.shape[1], G.shape[1]), ctx.scale
-            if gz is None or gup is None:  # only a balance loss was differentiated (a test's case)
-                gz = a.new_zeros(a.shape[0], N * r) if gz is None else gz
-                gup = B.new_zeros(B.shape[0], N * r, dtype=a.dtype) if gup is None else gup
+            (r, N), s, need = (a.shape[1], G.shape[1]), ctx.scale, ctx.needs_input_grad
+            g = x.new_zeros(x.shape[0], W.shape[0]) if g is None else g.to(x.dtype)  # G alone
+            gz, gup = g @ up, g.t() @ z  # o = W x + B̃ z
+            gW = (g.t() @ x).to(ctx.w_dtypes[0]) if need[1] else None  # an unfrozen base
+            gb = g.sum(0).to(ctx.w_dtypes[1]) if need[2] else None
             q = 1.0 / (1.0 - ctx.p)  # drop(x) = x ⊙ keep · q: q rides in ∂a, the masks need none
             # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens)
             gz = gz.view(-1, N, r)
@@ -439,19 +452,22 @@ class StackedMixture(torch.autograd.Function):
             if ctx.router:
                 gGz = outer(gz, a[:, :, None], s).squeeze(2)
                 glogits = softmax_backward(gGz if gG is None else gGz + gG, G)
-            # [A; W_r] read drop(x) and x: their gradients (cast once, together, to the parameters')
-            want_gx = ctx.needs_input_grad[0]  # False where x comes from frozen layers only
+            # [A; W_r] read drop(x) and x: their gradients (cast once, together, to the parameters');
+            # ∂x sums W's, W_r's and A's terms in place, the last one written in x's own dtype
+            gx = g @ W if need[0] else None  # False where x comes from frozen layers only
             if keep is None:
                 g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
-                g_down, gx = (g_al.t() @ x).to(ctx.master), (g_al @ down if want_gx else None)
+                g_down = (g_al.t() @ x).to(ctx.master)
+                gx = gx.addmm_(g_al, down).to(ctx.x_dtype) if need[0] else None
             else:
                 rows = [ga.t() @ (x * keep)] + ([glogits.t() @ x] if ctx.router else [])
                 g_down = torch.cat(rows, out=torch.empty(down.shape, dtype=ctx.master,
                                                          device=down.device))
-                gx = (ga @ down[:r]) * keep if want_gx else None
-                if ctx.router and want_gx:
-                    gx = gx.addmm_(glogits, down[r:])
-            gA, gW = g_down[:r], (g_down[r:] if ctx.router else None)
+                if need[0]:
+                    gx = gx.addmm_(glogits, down[r:]) if ctx.router else gx
+                    gx = torch.addcmul(gx, ga @ down[:r], keep,
+                                       out=torch.empty(gx.shape, dtype=ctx.x_dtype, device=gx.device))
+            gA, gWr = g_down[:r], (g_down[r:] if ctx.router else None)
             # B̃[o, i, j] = Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other
             # two, a batched GEMM over experts or rows; ∂B̃ ⊙ B serves Ω_A and Ω_B (fp32 by promotion)
             g3 = gup.view(-1, N, r)
@@ -459,7 +475,7 @@ class StackedMixture(torch.autograd.Function):
             gOB = torch.bmm(P, omega_A[:, :, None]).squeeze(2)  # Σ_j
             gOA = torch.bmm(omega_B[:, None, :], P).squeeze(1)  # Σ_o
             gB = torch.bmm(omega_B.t()[:, None, :], g3 * omega_A).squeeze(1)  # Σ_i
-            return gx, gA, gW, gB, gOA, gOB, None, None
+            return gx, gW, gb, gA, gWr, gB, gOA, gOB, None, None, None
 
 
 # --- model-level helpers and the adapter file ---------------------------------

@@ -46,11 +46,16 @@ def two_linears(spec, args, device, dtype) -> nn.Sequential:
 
 
 def counts(args, device, dtype) -> None:
+    # train.py's dtypes on a GPU, on any device: frozen base and activations bf16, trainable fp32 (its
+    # cast_for_training), bf16 autocast; --fp32_base: fp32 weights and input (the table before this option)
+    dtype = torch.float32 if args.fp32_base else torch.bfloat16
     x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype)
     rows, times = [], {}
     for label, spec in METHODS.items():
         block = two_linears(spec, args, device, dtype)
+        for p in block.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16):  # the GPU's dtypes, also on the CPU
@@ -67,8 +72,8 @@ def counts(args, device, dtype) -> None:
         rows.append([label, ops, kernels, f"{kept / 2**20:.2f}", f"{1e3 * times[label]:.3f}"])
     for r in rows:
         r.append(f"{times[r[0]] / times['LoRA R8']:.2f}")
-    print(f"two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, {str(dtype)[6:]} weights, "
-          f"bf16 autocast, dropout {args.dropout}, fwd+bwd")
+    print(f"two linears {args.d_in}->{args.d_out}->{args.d_in}, {args.tokens} tokens, {str(dtype)[6:]} base and "
+          f"input, fp32 adapters, bf16 autocast, dropout {args.dropout}, fwd+bwd")
     print_table(["method", "ops", "kernels", "saved MiB", "ms", "time / LoRA"], rows)
     k = {r[0]: r[2] for r in rows}
     ratio = k["MoR E8R8"] / k["LoRA R8"]
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=200, help="--counts_only: timed calls per method")
     ap.add_argument("--steps", type=int, default=5, help="--compiled: training steps before the profile")
     ap.add_argument("--counts_only", action="store_true")
+    ap.add_argument("--fp32_base", action="store_true", help="--counts_only: fp32 base weights and input")
     ap.add_argument("--compiled", action="store_true")
     ap.add_argument("--backend", choices=["inductor", "eager"], default="inductor",
                     help="--compiled: eager runs the captured graphs as they are (a quick check of the capture)")

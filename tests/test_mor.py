@@ -126,6 +126,19 @@ def test_forward_equals_reference_fp64(N, router, bias, record):
         assert int(layer.router_count) == 60 and layer.router_count.dtype == torch.int64
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_unfrozen_base_gradients_equal_reference_fp64(bias):
+    """StackedMixture computes W x + b inside its node: an unfrozen base (a user's choice) gets W's and b's
+    gradients as autograd gives `reference`'s nn.Linear, to 1e-9 (fp64: two summation orders)."""
+    layer = fp64_layer(3, "learned", bias).requires_grad_(True)
+    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    tensors = [x, layer.base.weight] + ([layer.base.bias] if bias else []) + adapter_tensors(layer)
+    w = torch.randn(7, 10, dtype=torch.float64)
+    got, want = (torch.autograd.grad((f(x) * w).sum(), tensors) for f in (layer, layer.reference))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("router", ["learned", "mean", "balanced"])
 def test_forward_equals_reference_with_dropout_fp64(router):
     """With dropout on, the fast path keeps x and the mask and recomputes x ⊙ mask; softmax's and dropout's backwards
@@ -787,6 +800,20 @@ def test_adapter_file_faults_are_one_value_error_naming_the_file(tmp_path):
     assert str(e.value).startswith(f"{good}: the file holds adapters {{'method': 'lora', 'targets': ['w1']")
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nope'}: no such adapter file")):
         mor.load_adapter(ffn_model(), str(tmp_path / "nope"))
+
+
+def test_mor_refuses_a_base_with_its_own_forward():
+    class Doubled(nn.Linear):   # a quantised or otherwise changed linear: W x + b is not what it computes
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Named(nn.Linear):     # a subclass that keeps nn.Linear's forward is fine
+        pass
+    with pytest.raises(TypeError, match="plain nn.Linear base, got Doubled"):
+        mor.MoRLinear(Doubled(4, 3), r=2, num_experts=2)
+    layer = mor.MoRLinear(Named(4, 3), r=2, num_experts=2)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(layer(x), layer.base(x))   # B = 0 at init: the base's output
 
 
 def test_add_adapters_errors():
