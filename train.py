@@ -296,20 +296,23 @@ def count_targets(micro_batches: list[dict]) -> int:
 
 def forward_backward(model: torch.nn.Module, micro_batches: list[dict], device: torch.device,
                      world_size: int = 1, balance_coef: float = 0.0,
-                     raw: torch.nn.Module | None = None, autocast: bool = False) -> tuple[float, int]:
+                     raw: torch.nn.Module | None = None, autocast: bool = False,
+                     keep_grads: bool = False) -> tuple[float, int]:
     """Accumulate the gradients of one optimizer step; returns (global mean token loss, global
     target count).
 
     Each micro-batch contributes sum(token losses) / N_global, N_global = supervised tokens of the
     whole global batch. DDP and FSDP average gradients over ranks, hence the factor world_size.
-    Gradients are synchronised only on the last micro-batch. Gradients accumulate in place into
-    .grad buffers made here, outside any backward: under CUDA graphs (--compile_mode
-    reduce-overhead) a compiled backward's outputs live in the graph's memory pool, which the next
+    Gradients are synchronised only on the last micro-batch. keep_grads (CUDA graphs: --compile_mode
+    reduce-overhead): gradients accumulate in place into .grad buffers made here, outside any
+    backward, because a compiled backward's outputs live in the graph's memory pool, which the next
     micro-batch's replay overwrites, so a .grad taken over from the first backward would be
-    overwritten too. Zero them with zero_grad(set_to_none=False) to keep them.
+    overwritten too; zero them with zero_grad(set_to_none=False) to keep them. Otherwise autograd
+    makes .grad as usual and zero_grad() frees it between steps (full fine-tuning's gradients are
+    then not held through the next forward, and a parameter without a gradient is not updated).
     """
     raw = raw if raw is not None else model
-    for p in raw.parameters():
+    for p in raw.parameters() if keep_grads else []:
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
     n_global = int(all_reduce(torch.tensor(count_targets(micro_batches), device=device)))
@@ -441,6 +444,7 @@ def train_locked(cfg: TrainConfig) -> torch.nn.Module | None:
               f"train, {len(val_ex)} val examples | {world} process(es) x {loader.accum_steps} "
               f"micro-batch(es) of {cfg.micro_batch} = global batch {cfg.global_batch} | "
               f"{total_steps} steps | {device}")
+    graphs = on_cuda and cfg.compile and cfg.compile_mode == "reduce-overhead"   # CUDA graphs
     balanced = cfg.router == "balanced" and cfg.method in ("mor", "moelora")
     balance = cfg.balance_coef if balanced else 0.0
     last_ckpt = ckpt
@@ -450,7 +454,7 @@ def train_locked(cfg: TrainConfig) -> torch.nn.Module | None:
             t0 = time.time()
             micro_batches = loader.next_step()
             loss, n_tgt = forward_backward(model, micro_batches, device, world, balance, raw,
-                                           autocast=on_cuda)
+                                           autocast=on_cuda, keep_grads=graphs)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")   # the norm is logged
             grad_norm = float(full_state(torch.nn.utils.clip_grad_norm_(params, clip)))
             # stop before the update spoils the weights
@@ -461,7 +465,7 @@ def train_locked(cfg: TrainConfig) -> torch.nn.Module | None:
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=False)   # the .grad buffers stay: see forward_backward
+            optimizer.zero_grad(set_to_none=not graphs)   # see forward_backward
             step += 1
             if on_cuda:
                 torch.cuda.synchronize()   # time the step, not its kernel launches
