@@ -319,8 +319,9 @@ class MoRLinear(LoRALinear):
         else:
             p = self.dropout.p if self.dropout_active() else 0.0
             W_r = self.router.weight if self.router is not None else None
-            out, G = StackedMixture.apply(x2, self.base.weight, self.base.bias, self.lora_A, W_r,
-                                          self.lora_B, self.omega_A, self.omega_B, p, self.scale, dt)
+            out, G = StackedMixture.apply(x2, self.base.weight, self.base.bias, self.lora_A,
+                                          W_r, self.lora_B, self.omega_A, self.omega_B, p,
+                                          self.scale, dt)
         note_routing(self, G)
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -452,8 +453,8 @@ class StackedMixture(torch.autograd.Function):
             if ctx.router:
                 gGz = outer(gz, a[:, :, None], s).squeeze(2)
                 glogits = softmax_backward(gGz if gG is None else gGz + gG, G)
-            # [A; W_r] read drop(x) and x: their gradients (cast once, together, to the parameters');
-            # ∂x sums W's, W_r's and A's terms in place, the last one written in x's own dtype
+            # [A; W_r] read drop(x) and x: their gradients (cast once, together, to the
+            # parameters'); ∂x sums W's, W_r's and A's terms in place, the last in x's own dtype
             gx = g @ W if need[0] else None  # False where x comes from frozen layers only
             if keep is None:
                 g_al = ga if glogits is None else torch.cat([ga, glogits], 1)
@@ -465,8 +466,8 @@ class StackedMixture(torch.autograd.Function):
                                                          device=down.device))
                 if need[0]:
                     gx = gx.addmm_(glogits, down[r:]) if ctx.router else gx
-                    gx = torch.addcmul(gx, ga @ down[:r], keep,
-                                       out=torch.empty(gx.shape, dtype=ctx.x_dtype, device=gx.device))
+                    gx = torch.addcmul(gx, ga @ down[:r], keep, out=torch.empty(
+                        gx.shape, dtype=ctx.x_dtype, device=gx.device))
             gA, gWr = g_down[:r], (g_down[r:] if ctx.router else None)
             # B̃[o, i, j] = Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other
             # two, a batched GEMM over experts or rows; ∂B̃ ⊙ B serves Ω_A and Ω_B (fp32 by promotion)

@@ -123,7 +123,7 @@ class Setup:
 
 
 # tiny, and still learns: a base of dim 64 pretrained 1000 steps applies mappings well enough that full
-# fine-tuning lifts held-out accuracy well above acc_before in 150 steps (quick test: ~40 % vs ~23 %)
+# fine-tuning lifts held-out accuracy well above acc_before in 150 steps (~94 % vs ~26 %, 2 min on 2 cores)
 QUICK = dict(n_symbols=6, length=3, n_pretrain_tasks=6, n_tune_tasks=4, n_train=64, n_val=16, n_test=32,
              n_train_scored=16, n_pretrain=200, pretrain_steps=1000, pretrain_lr=2e-3,
              base=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, norm_eps=1e-5, rope_theta=10000.0),

@@ -47,10 +47,10 @@ def test_quick_learns_resumes_reports_and_reruns(tmp_path, capsys):
         assert 0.0 <= r["acc"] <= 1.0 and len(r["per_task"]) == 4
         # acc over all items = mean of per-task accs (equal items per task)
         assert math.isclose(r["acc"], sum(r["per_task"].values()) / 4, abs_tol=1e-9)
-    # it learns: full fine-tuning is well above the base on held-out inputs (quick's calibration: ~40 % vs ~23 %),
-    # so a training pipeline that does not update the model fails here
+    # it learns: full fine-tuning is far above the base on held-out inputs (~94 % vs ~26 %, 2 bases), so a training
+    # pipeline that does not update the model, or a scorer that does not see the answers as trained, fails here
     full = [r for r in recs if r["variant"] == "Full FT" and r["phase"] == "test"]
-    assert sum(r["acc"] for r in full) / len(full) > sum(r["acc_before"] for r in full) / len(full) + 0.05
+    assert sum(r["acc"] for r in full) / len(full) > sum(r["acc_before"] for r in full) / len(full) + 0.3
     mor_runs = [r for r in recs if r["label"] == "MoR E2R8" and r["phase"] == "test"]
     assert all(set(r["omega_spread"]) == {"A", "B"} and len(r["router_entropy"]) == 4 for r in mor_runs)
     assert all(0.0 <= h <= 1.0 + 1e-6 for r in mor_runs for h in r["router_entropy"].values())
