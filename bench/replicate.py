@@ -797,6 +797,12 @@ def read_setup(out_dir: str) -> Setup:
         return Setup(**json.load(f))
 
 
+def same_grid(old: Setup, new: Setup) -> bool:
+    """Whether a folder's grid (old) may go on as `new`: every setting equal but the number of bases and
+    seeds, which only add or leave out rows (base b and seed k are the same run in any grid)."""
+    return replace(old, bases=new.bases, seeds=new.seeds) == new
+
+
 def write_report(out_dir: str) -> str:
     path = os.path.join(out_dir, "results.jsonl")
     results = load_results(path)
@@ -870,7 +876,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.report:
             os.makedirs(args.out_dir, exist_ok=True)
             path = os.path.join(args.out_dir, "setup.json")
-            if os.path.isfile(path) and read_setup(args.out_dir) != s:
+            if os.path.isfile(path) and not same_grid(read_setup(args.out_dir), s):
                 raise ValueError(f"{path}: this folder holds a grid with other settings; use a new --out_dir")
             with open(path, "w") as f:
                 json.dump(asdict(s), f)

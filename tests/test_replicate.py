@@ -200,3 +200,10 @@ def test_mc_accuracy_by_hand(monkeypatch):
     items = [dict(question="q1", choices=["x", "y"], gold=0), dict(question="q2", choices=["x", "y", "z"], gold=2),
              dict(question="q3", choices=["x", "y"], gold=1)]
     assert replicate.mc_accuracy(None, None, items) == 1 / 3
+
+
+def test_a_grid_may_grow_by_bases_and_seeds_only():
+    old = replicate.Setup()
+    assert replicate.same_grid(old, replicate.replace(old, bases=5, seeds=3))
+    assert not replicate.same_grid(old, replicate.replace(old, n_test=100))
+    assert not replicate.same_grid(old, replicate.replace(old, bases=5, budgets=[250]))
