@@ -441,10 +441,11 @@ class StackedMixture(torch.autograd.Function):
         x, W, keep, a, G, z, down, up, B, omega_A, omega_B = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             (r, N), s, need = (a.shape[1], G.shape[1]), ctx.scale, ctx.needs_input_grad
-            g = x.new_zeros(x.shape[0], W.shape[0]) if g is None else g.to(x.dtype)  # G alone
+            o_used = g is not None  # else only G was differentiated (a balance loss alone)
+            g = g.to(x.dtype) if o_used else x.new_zeros(x.shape[0], W.shape[0])
             gz, gup = g @ up, g.t() @ z  # o = W x + B̃ z
-            gW = (g.t() @ x).to(ctx.w_dtypes[0]) if need[1] else None  # an unfrozen base
-            gb = g.sum(0).to(ctx.w_dtypes[1]) if need[2] else None
+            gW = (g.t() @ x).to(ctx.w_dtypes[0]) if o_used and need[1] else None  # unfrozen base
+            gb = g.sum(0).to(ctx.w_dtypes[1]) if o_used and need[2] else None
             q = 1.0 / (1.0 - ctx.p)  # drop(x) = x ⊙ keep · q: q rides in ∂a, the masks need none
             # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens)
             gz = gz.view(-1, N, r)

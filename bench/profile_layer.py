@@ -45,7 +45,7 @@ def two_linears(spec, args, device, dtype) -> nn.Sequential:
                          make(spec, args.d_out, args.d_in, args.dropout, device, dtype))
 
 
-def counts(args, device, dtype) -> None:
+def counts(args, device) -> None:
     # train.py's dtypes on a GPU, on any device: frozen base and activations bf16, trainable fp32 (its
     # cast_for_training), bf16 autocast; --fp32_base: fp32 weights and input (the table before this option)
     dtype = torch.float32 if args.fp32_base else torch.bfloat16
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.counts_only:
-        return counts(args, device, dtype)
+        return counts(args, device)
     if args.compiled:
         return compiled(args, device, dtype)
     activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU

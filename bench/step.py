@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         def step(model=model, trainable=trainable, opt=opt):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            train.forward_backward(model, micro, device, autocast=cuda, raw=model)
+            train.forward_backward(model, micro, device, autocast=cuda, raw=model, keep_grads=graphs)
             float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))  # train.py reads the norm: a sync
             opt.step()
-            opt.zero_grad(set_to_none=False)  # as train.py: the .grad buffers stay (see train.forward_backward)
+            opt.zero_grad(set_to_none=not graphs)  # as train.py (see train.forward_backward)
         steps[label] = step
         states[label] = (model, trainable, opt)
         t0 = time.perf_counter()

@@ -139,6 +139,17 @@ def test_unfrozen_base_gradients_equal_reference_fp64(bias):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+def test_balance_loss_alone_leaves_an_unfrozen_base_without_gradient():
+    # the balance loss depends on the router only: W and b get no gradient (None, as reference gives),
+    # not zeros that AdamW would still decay
+    for f in ("forward", "reference"):
+        layer = fp64_layer(3, "balanced", bias=True).requires_grad_(True)
+        getattr(layer, f)(torch.randn(7, 12, dtype=torch.float64))
+        layer.aux_loss.backward()
+        assert layer.base.weight.grad is None and layer.base.bias.grad is None, f
+        assert layer.router.weight.grad.abs().sum() > 0, f
+
+
 @pytest.mark.parametrize("router", ["learned", "mean", "balanced"])
 def test_forward_equals_reference_with_dropout_fp64(router):
     """With dropout on, the fast path keeps x and the mask and recomputes x ⊙ mask; softmax's and dropout's backwards

@@ -202,7 +202,13 @@ def test_mc_accuracy_by_hand(monkeypatch):
     assert replicate.mc_accuracy(None, None, items) == 1 / 3
 
 
-def test_a_grid_may_grow_by_bases_and_seeds_only():
+def test_a_grid_may_grow_by_bases_and_seeds_only(tmp_path):
+    # a folder from a version without long_families (scored by the old scorer) is refused, not continued
+    stored = replicate.asdict(replicate.Setup())
+    del stored["long_families"]
+    (tmp_path / "setup.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="another version of bench/replicate.py"):
+        replicate.read_setup(str(tmp_path))
     old = replicate.Setup()
     assert replicate.same_grid(old, replicate.replace(old, bases=5, seeds=3))
     assert not replicate.same_grid(old, replicate.replace(old, n_test=100))
