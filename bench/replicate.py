@@ -123,7 +123,7 @@ class Setup:
 
 
 # tiny, and still learns: a base of dim 64 pretrained 1000 steps applies mappings well enough that full
-# fine-tuning lifts held-out accuracy well above acc_before in 150 steps (quick test: ~40 % vs ~23 %)
+# fine-tuning lifts held-out accuracy well above acc_before in 150 steps (~94 % vs ~26 %, 2 min on 2 cores)
 QUICK = dict(n_symbols=6, length=3, n_pretrain_tasks=6, n_tune_tasks=4, n_train=64, n_val=16, n_test=32,
              n_train_scored=16, n_pretrain=200, pretrain_steps=1000, pretrain_lr=2e-3,
              base=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, norm_eps=1e-5, rope_theta=10000.0),
@@ -797,6 +797,12 @@ def read_setup(out_dir: str) -> Setup:
         return Setup(**json.load(f))
 
 
+def same_grid(old: Setup, new: Setup) -> bool:
+    """Whether a folder's grid (old) may go on as `new`: every setting equal but the number of bases and
+    seeds, which only add or leave out rows (base b and seed k are the same run in any grid)."""
+    return replace(old, bases=new.bases, seeds=new.seeds) == new
+
+
 def write_report(out_dir: str) -> str:
     path = os.path.join(out_dir, "results.jsonl")
     results = load_results(path)
@@ -870,7 +876,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.report:
             os.makedirs(args.out_dir, exist_ok=True)
             path = os.path.join(args.out_dir, "setup.json")
-            if os.path.isfile(path) and read_setup(args.out_dir) != s:
+            if os.path.isfile(path) and not same_grid(read_setup(args.out_dir), s):
                 raise ValueError(f"{path}: this folder holds a grid with other settings; use a new --out_dir")
             with open(path, "w") as f:
                 json.dump(asdict(s), f)
