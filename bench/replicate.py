@@ -39,7 +39,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python bench/replicate.py`: make train.py, mor.py importable
@@ -662,8 +662,10 @@ def plan(s: Setup, out_dir: str, bases: list[str], per: dict, results: list[dict
         if (v["parent"] is not None) != ablation or s.budgets[i] not in budgets_of(s, family):
             continue
         lr = chosen_lr(results, s, family, s.budgets[i], v["label"])
-        if lr is not None:
-            out.append(spec(b, family, i, v, seed, lr))
+        if lr is None:   # the sweep phase ran before: a cell without one is a setting's mistake
+            raise ValueError(f"no lr sweep for {v['label']} at {s.budgets[i]} steps (family {family}); sweep "
+                             f"families {s.sweep_families} must cover the budgets of {family}")
+        out.append(spec(b, family, i, v, seed, lr))
     return out
 
 
@@ -693,6 +695,8 @@ def cells(results: list[dict], s: Setup) -> dict[tuple, dict[int, dict[int, dict
     """{(family, steps, variant): {base: {seed: record}}} of the test runs at each cell's chosen lr."""
     out: dict[tuple, dict[int, dict[int, dict]]] = {}
     for r in results:
+        if r["base"] >= s.bases or r["seed"] >= s.seeds:   # a grid reported smaller than it ran
+            continue
         if r["phase"] == "test" and r["lr"] == chosen_lr(results, s, r["family"], r["steps"], r["label"]):
             out.setdefault((r["family"], r["steps"], r["variant"]), {}).setdefault(r["base"], {})[r["seed"]] = r
     return out
@@ -794,7 +798,11 @@ def read_setup(out_dir: str) -> Setup:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no grid here (run it first, with the same --out_dir)")
     with open(path) as f:
-        return Setup(**json.load(f))
+        stored = json.load(f)
+    if set(stored) != {f.name for f in fields(Setup)}:   # e.g. no long_families: before the scoring fix
+        raise ValueError(f"{path}: written by another version of bench/replicate.py (its runs may be scored "
+                         "differently); use a new --out_dir")
+    return Setup(**stored)
 
 
 def same_grid(old: Setup, new: Setup) -> bool:
