@@ -122,7 +122,7 @@ COMMANDS = [
      "transformers, lm-eval and peft for bench/peers.py")),
     (r"^OMP_NUM_THREADS=1 python bench/(infer|load|prefix)\.py ", "not run: a timing (minutes, repeated); "
      "tests/test_bench.py runs each script at tiny sizes"),
-    (r"^python bench/replicate\.py ", "not run: the 44-minute grid; tests/test_replicate.py runs its parts"),
+    (r"^python bench/replicate\.py ", "not run: the grid takes hours; tests/test_replicate.py runs its parts"),
 ]
 
 
