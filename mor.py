@@ -12,7 +12,7 @@ Where the equations of §3 live:
     eq. 9, 10  MoRLinear.direction (D_i as a matrix; N = 1: eq. 9), MoRLinear.reference (D_i x)
     eq. 11     gate (G(x) = softmax(W_r x)); note_routing keeps it for the loss and Fig. 7
     eq. 12     MoRLinear.reference (the mixture Σ_i G_i(x) D_i x, literally)
-    eq. 13     AdapterLinear; MoRLinear.reference / forward (out = self.base(x) + ΔW x)
+    eq. 13     AdapterLinear; MoRLinear.reference (self.base(x) + ΔW x), StackedMixture (W x + B̃ z)
     eq. 14     MoRLinear.__init__ (λ_A, λ_B stacked into Ω_A ∈ R^{N×r}, Ω_B ∈ R^{N×d_out})
     eq. 15     MoRLinear.forward, "fast path": tied_up (B̃), StackedMixture (Fig. 3's one GEMM)
     Table 2    python mor.py --params params.json (in the project: tools/table2.py)
@@ -271,8 +271,7 @@ class MoRLinear(LoRALinear):
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 32, num_experts: int = 8,
                  dropout: float = 0.05, router: str = "learned"):
         if type(base).forward is not nn.Linear.forward:  # StackedMixture computes W x + b itself
-            raise TypeError(f"MoR needs a plain nn.Linear base, got {type(base).__name__} with its "
-                            "own forward")
+            raise TypeError(f"MoR needs a plain nn.Linear base, got {type(base).__name__}")
         super().__init__(base, r, alpha, dropout)  # LoRA's A, B and their init
         fk = self.factory()
         # eqs. 7, 8: Λ_A = diag(λ_A) (r×r), Λ_B = diag(λ_B) (d_out×d_out), kept as diagonals;
@@ -307,9 +306,8 @@ class MoRLinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same numbers as `reference`, as one rank-N·r GEMM (eq. 15, Fig. 3: "fast path" below)."""
         x2, dev = x.reshape(-1, self.in_features), x.device.type
-        # autocast's dtype, for the base and the adapter alike (None: x's own, as nn.Linear)
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        dt = None if x2.dtype == torch.float64 else dt
+        cast = torch.is_autocast_enabled(dev) and x2.dtype != torch.float64  # base, adapter alike
+        dt = torch.get_autocast_dtype(dev) if cast else None  # None: x's own dtype, as nn.Linear
         if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             x2 = x2 if dt is None else x2.to(dt)
             out = self.base(x2)  # eq. 13: W x (+ bias), frozen
@@ -319,9 +317,8 @@ class MoRLinear(LoRALinear):
         else:
             p = self.dropout.p if self.dropout_active() else 0.0
             W_r = self.router.weight if self.router is not None else None
-            out, G = StackedMixture.apply(x2, self.base.weight, self.base.bias, self.lora_A,
-                                          W_r, self.lora_B, self.omega_A, self.omega_B, p,
-                                          self.scale, dt)
+            args = (self.lora_A, W_r, self.lora_B, self.omega_A, self.omega_B, p, self.scale, dt)
+            out, G = StackedMixture.apply(x2, self.base.weight, self.base.bias, *args)
         note_routing(self, G)
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -412,19 +409,15 @@ def cached_weights(layer: MoRLinear, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 class StackedMixture(torch.autograd.Function):
-    """(o, G) of `MoRLinear.forward`, base GEMM included, as one autograd node (plain autograd:
-    ~2.4× LoRA's kernels, keeping drop(x) and B̃'s fp32 intermediate; the base outside it: one
-    more add and cast of ∂x). Casts x and W to `dt` (autocast's dtype; None: as they are) and
-    saves what autograd would: x, W, z and B̃ in that dtype; plus the 1-byte mask, A x, G and
-    [A; W_r]; the rest is recomputed."""
+    """(o, G) of `MoRLinear.forward`, W x + b included, as one autograd node (plain autograd: ~2.4×
+    LoRA's kernels); saves x, W, z, B̃ (in `dt`), the 1-byte mask, A x, G, [A; W_r]."""
 
     @staticmethod
     def forward(ctx, x, W, bias, A, W_r, B, omega_A, omega_B, p: float, scale: float, dt):
-        # autocast off: the dtypes are as written here, in both passes
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes as written (as the backward)
             xd, Wd = (x, W) if dt is None else (x.to(dt), W.to(dt))
             out = F.linear(xd, Wd, None if bias is None else bias.to(Wd.dtype))  # eq. 13: W x + b
-            xd, dt = xd.to(out.dtype), out.dtype  # adapters compute in the base output's dtype
+            dt = out.dtype  # = xd's: the adapters compute in the base output's dtype
             down, up = down_factors(A, W_r, dt), tied_up(B, omega_A, omega_B, dt)
             z, G, a, keep = stacked_codes(xd, down, A.shape[0], omega_A.shape[0], scale, p)
             out.addmm_(z, up.t())  # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z (α/r is in z)
@@ -442,18 +435,15 @@ class StackedMixture(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             (r, N), s, need = (a.shape[1], G.shape[1]), ctx.scale, ctx.needs_input_grad
             o_used = g is not None  # else only G was differentiated (a balance loss alone)
-            g = g.to(x.dtype) if o_used else x.new_zeros(x.shape[0], W.shape[0])
-            gz, gup = g @ up, g.t() @ z  # o = W x + B̃ z
+            g = g if o_used else x.new_zeros(x.shape[0], W.shape[0])
+            gz, gup = (g @ up).view(-1, N, r), g.t() @ z  # o = W x + B̃ z
             gW = (g.t() @ x).to(ctx.w_dtypes[0]) if o_used and need[1] else None  # unfrozen base
             gb = g.sum(0).to(ctx.w_dtypes[1]) if o_used and need[2] else None
-            q = 1.0 / (1.0 - ctx.p)  # drop(x) = x ⊙ keep · q: q rides in ∂a, the masks need none
-            # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens)
-            gz = gz.view(-1, N, r)
-            ga = outer(G[:, None, :], gz, s * q).squeeze(1)
-            glogits = None
-            if ctx.router:
-                gGz = outer(gz, a[:, :, None], s).squeeze(2)
-                glogits = softmax_backward(gGz if gG is None else gGz + gG, G)
+            # z = s G ⊗ a: ∂a = s Σ_i G_i ∂z_i, ∂G_i = s ∂z_i · a (batched GEMMs over tokens);
+            # drop(x) = x ⊙ keep / (1 − p): the 1 / (1 − p) rides in ∂a, the masks need none
+            ga = outer(G[:, None, :], gz, s / (1.0 - ctx.p)).squeeze(1)
+            gGz = outer(gz, a[:, :, None], s).squeeze(2) if ctx.router else None
+            glogits = softmax_backward(gGz if gG is None else gGz + gG, G) if ctx.router else None
             # [A; W_r] read drop(x) and x: their gradients (cast once, together, to the
             # parameters'); ∂x sums W's, W_r's and A's terms in place, the last in x's own dtype
             gx = g @ W if need[0] else None  # False where x comes from frozen layers only
@@ -463,12 +453,11 @@ class StackedMixture(torch.autograd.Function):
                 gx = gx.addmm_(g_al, down).to(ctx.x_dtype) if need[0] else None
             else:
                 rows = [ga.t() @ (x * keep)] + ([glogits.t() @ x] if ctx.router else [])
-                g_down = torch.cat(rows, out=torch.empty(down.shape, dtype=ctx.master,
-                                                         device=down.device))
+                g_down = torch.cat(rows, out=down.new_empty(down.shape, dtype=ctx.master))
                 if need[0]:
                     gx = gx.addmm_(glogits, down[r:]) if ctx.router else gx
-                    gx = torch.addcmul(gx, ga @ down[:r], keep, out=torch.empty(
-                        gx.shape, dtype=ctx.x_dtype, device=gx.device))
+                    gx = torch.addcmul(gx, ga @ down[:r], keep, out=x.new_empty(gx.shape,
+                                                                                dtype=ctx.x_dtype))
             gA, gWr = g_down[:r], (g_down[r:] if ctx.router else None)
             # B̃[o, i, j] = Ω_B[i, o] B[o, j] Ω_A[i, j]: each factor's gradient sums ∂B̃ ⊙ the other
             # two, a batched GEMM over experts or rows; ∂B̃ ⊙ B serves Ω_A and Ω_B (fp32 by promotion)
@@ -655,8 +644,7 @@ if __name__ == "__main__":
     try:  # Table 2's command line lives in the project's tools/, so that this file copies alone
         from tools.table2 import main
     except ModuleNotFoundError as e:
-        if e.name not in ("tools", "tools.table2"):
-            raise
-        raise SystemExit("error: `python mor.py` prints Table 2 with the MoR project's "
-                         "tools/table2.py, which is not beside this copy of mor.py") from None
+        raise e if e.name not in ("tools", "tools.table2") else SystemExit(
+            "error: `python mor.py` prints Table 2 with the MoR project's tools/table2.py, which "
+            "is not beside this copy of mor.py") from None
     main()
