@@ -312,7 +312,7 @@ class MoRLinear(LoRALinear):
             x2 = x2 if dt is None else x2.to(dt)
             out = self.base(x2)  # eq. 13: W x (+ bias), frozen
             down, up = cached_weights(self, out.dtype)  # decoding: built once, not per token
-            z, G, _, _ = stacked_codes(x2.to(out.dtype), down, self.r, self.num_experts, self.scale)
+            z, G, _, _ = stacked_codes(x2, down, self.r, self.num_experts, self.scale)
             out.addmm_(z, up.t())  # eqs. 12, 15: (α/r) Σ_i G_i(x) D_i x = B̃ z (α/r is in z)
         else:
             p = self.dropout.p if self.dropout_active() else 0.0
